@@ -1,0 +1,173 @@
+"""Per-epoch data pruning for the fastai Learner: a training DataLoader that follows an epoch plan, and
+the callback base that InfoBatch and the Random* baseline share."""
+
+from __future__ import annotations
+
+import warnings
+from operator import attrgetter
+
+import torch
+from fastai.data.core import TfmdDL
+from fastai.data.load import DataLoader, _FakeLoader
+from fastai.torch_core import find_bs
+from fastcore.xtras import chunked
+
+from ..callback import EffilabCallback
+from ..core.infobatch import EpochPlan
+
+__all__ = ["EpochPruningCallback", "PlanDL"]
+
+
+def _unwrap_distributed(dl):
+    # fastai's DistributedDL (and effilab's subclass) wrap the real loader in `.dl`; the plan is made on
+    # the real one and the distributed wrapper then shards the plan.
+    try:
+        from fastai.distributed import DistributedDL
+    except ImportError:
+        return dl
+    return dl.dl if isinstance(dl, DistributedDL) else dl
+
+
+class PlanDL(TfmdDL):
+    """The training loader of one epoch: `dl`'s items at `indices`, in that order, with `dl`'s
+    transforms, workers and device.
+
+    Each batch travels from the workers with its sample indices; they are taken off in the main
+    process (`batch_idx`, on the batch's device) before the Learner sees the batch, so the batch keeps
+    its usual structure.
+    """
+
+    def __init__(self, dl: DataLoader, indices: list[int]):
+        self.dl, self.idxs, self.n = dl, indices, len(indices)
+        self.bs, self.drop_last, self.dataset, fake, self.num_workers, self.offs, self.pin_memory = attrgetter(
+            "bs", "drop_last", "dataset", "fake_l", "num_workers", "offs", "pin_memory")(dl)
+        self.device = dl.device
+        self.batch_idx: torch.Tensor | None = None
+        self.fake_l = _FakeLoader(self, fake.pin_memory, fake.num_workers, fake.timeout,
+                                  persistent_workers=fake.persistent_workers,
+                                  pin_memory_device=fake.pin_memory_device)
+
+    def get_idxs(self):
+        return self.idxs
+
+    def randomize(self):
+        pass  # the plan is already shuffled by its own generator
+
+    def before_iter(self):
+        self.dl.before_iter()
+
+    def after_iter(self):
+        self.dl.after_iter()
+
+    def create_batches(self, samps):
+        items = ((s, self.dl.do_item(s)) for s in samps)
+        for chunk in chunked((it for it in items if it[1] is not None), self.bs, self.drop_last):
+            idx, chunk_items = zip(*chunk)
+            yield self.dl.do_batch(list(chunk_items)), torch.tensor(idx)
+
+    def after_batch(self, b):
+        b, self.batch_idx = b
+        return self.dl.after_batch(b)
+
+    def to_detach(self, b, cpu=True, gather=True):
+        return self.dl.to_detach(b, cpu, gather)
+
+
+class EpochPruningCallback(EffilabCallback):
+    """Trains each epoch on `make_plan(epoch)`; counts samples; writes per-epoch telemetry.
+
+    Subclasses implement `make_plan`. Runs before fastai's `DistributedTrainer` (which then shards the
+    plan) and before `MixUp` (which then wraps the loss). Inactive during `lr_find` and validation.
+    """
+
+    order = -5
+    telemetry_name = "pruning"
+
+    def __init__(self, delta: float, seed: int | None):
+        # Seeded once, from the run's seed unless given: reading torch's initial seed changes nothing.
+        self.delta = delta
+        self.seed = int(torch.initial_seed() % 2**63) if seed is None else int(seed)
+        self.fit_count = 0
+        self.forwarded = 0
+        self.active = False
+        self.plan: EpochPlan | None = None
+        self.plan_dl: PlanDL | None = None
+
+    # -- for subclasses
+    def make_plan(self, epoch: int) -> EpochPlan:
+        raise NotImplementedError
+
+    def setup(self, n_samples: int) -> None:
+        """Called before the first epoch of each fit with the size of the training set."""
+
+    # -- events
+    def before_fit(self):
+        self._deactivate()
+        self._trained = False
+        self.plan = None
+
+    def before_train(self):
+        self._deactivate()
+        if hasattr(self.learn, "lr_finder"):
+            return
+        base = _unwrap_distributed(self.learn.dl)
+        if not isinstance(base, DataLoader):
+            raise TypeError(f"{type(self).__name__} needs fastai DataLoaders (got a {type(base).__name__} as the "
+                            "training loader): build them with DataLoaders.from_dsets / from a DataBlock, or "
+                            "use effilab.core's InfoBatchSampler in a plain PyTorch loop")
+        if not base.indexed or base.n is None:
+            raise TypeError(f"{type(self).__name__} needs an indexable training set with a length (map-style); "
+                            f"{type(base.dataset).__name__} is not: it must know which samples it prunes")
+        if not self._trained:
+            self.setup(base.n)
+            self._trained = True
+        self.plan = self.make_plan(self.learn.epoch)
+        summary = self.plan.summary()
+        # What the full-data loader would forward this epoch (it drops the last partial batch too).
+        full = len(base) * base.bs if base.drop_last else base.n
+        self.telemetry.record(self.telemetry_name, "epoch", fit=self.fit_count, total_epochs=self.learn.n_epoch,
+                              n_samples=base.n, full_epoch=full, **summary)
+        self.plan_dl = self.learn.dl = PlanDL(base, self.plan.indices.tolist())  # sync-ok: once per epoch
+        self.epoch_forwarded = 0
+        self.active = True
+
+    def after_batch(self):
+        if self.active and self.training:
+            n = find_bs(self.learn.yb)
+            self.epoch_forwarded += n
+            self.forwarded += n
+
+    def after_train(self):
+        if not self.active:
+            return
+        self.telemetry.record(self.telemetry_name, "samples", fit=self.fit_count, epoch=self.learn.epoch,
+                              forwarded=self.epoch_forwarded, forwarded_total=self.forwarded,
+                              full_total=self._full_total())
+        self._deactivate()
+
+    def after_cancel_train(self):
+        self._deactivate()
+
+    def after_fit(self):
+        self._deactivate()
+        if self._trained:
+            self.fit_count += 1
+        self._trained = False
+
+    # -- helpers
+    def _full_total(self) -> int:
+        recs = self.telemetry.records(self.telemetry_name, "epoch")
+        return sum(r["full_epoch"] for r in recs)
+
+    def _deactivate(self):
+        self.active = False
+        self.plan_dl = None  # never pickle a DataLoader with the Learner
+
+    def _warn(self, msg: str):
+        warnings.warn(f"{type(self).__name__}: {msg}", stacklevel=2)
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "fit_count": self.fit_count, "forwarded": self.forwarded}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed, self.fit_count, self.forwarded = state["seed"], state["fit_count"], state["forwarded"]
