@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import fastai.callback.schedule  # noqa: F401  (Learner.fit_one_cycle and lr_find, as users expect)
 from fastai.learner import Learner
 from fastai.callback.core import Callback
 from fastai.layers import NoneReduce

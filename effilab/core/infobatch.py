@@ -272,9 +272,9 @@ class InfoBatchPruner:
         if self.plan is None:
             raise RuntimeError("no epoch is planned yet: iterate the sampler or call start_epoch() first")
         idx = idx.to(self.table.device, non_blocking=True).long().reshape(-1)
-        if losses.shape[0] != idx.numel():
-            raise ValueError(f"got {losses.shape[0]} losses for {idx.numel()} indices: pass one loss per sample "
-                             "(reduction='none')")
+        if losses.dim() != 1 or losses.shape[0] != idx.numel():
+            raise ValueError(f"got losses of shape {tuple(losses.shape)} for {idx.numel()} indices: "
+                             "pass one loss per sample (reduction='none')")
         self.table.update(idx, losses)
         return self.plan.weights.index_select(0, idx).to(losses.dtype)
 
@@ -318,9 +318,9 @@ class InfoBatchSampler(Sampler[int]):
         self._finished = False  # ... and has run to the end
 
     def set_epoch(self, epoch: int) -> None:
-        if self.pruner.plan is None or self.pruner.plan.epoch != epoch:
-            self.pruner.start_epoch(epoch)
-            self._started = self._finished = False
+        """The next iteration is epoch `epoch` (planned now unless it already is)."""
+        self.pruner.start_epoch(epoch)
+        self._started = self._finished = False
 
     def _current(self) -> EpochPlan:
         if self.pruner.plan is None or self._finished:

@@ -8,6 +8,7 @@ import torch
 
 from ..callback import per_sample_losses
 from ..core.infobatch import EpochPlan, InfoBatchPruner, check_ratio_delta, derive_seed, random_plan
+from ..registry import register
 from .pruning import EpochPruningCallback
 
 __all__ = ["InfoBatch", "RandomPrune"]
@@ -187,3 +188,15 @@ class RandomPrune(EpochPruningCallback):
     def make_plan(self, epoch: int) -> EpochPlan:
         annealing = epoch >= math.floor(self.delta * self.learn.n_epoch)
         return random_plan(self.n_samples, self.fraction, epoch, self.plan_seed, annealing)
+
+
+def _infobatch_for_tests():
+    return InfoBatch(ratio=0.5, delta=0.75, seed=0)
+
+
+def _random_prune_for_tests():
+    return RandomPrune(fraction=0.3, delta=0.75, seed=0)
+
+
+register("infobatch", _infobatch_for_tests, "data", stateful=True)
+register("random_prune", _random_prune_for_tests, "data", stateful=True)

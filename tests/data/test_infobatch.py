@@ -1,0 +1,301 @@
+"""InfoBatch and RandomPrune as fastai callbacks: what the user sees, and what must never happen."""
+
+from __future__ import annotations
+
+import random
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastai.callback.core import Callback
+from fastai.callback.mixup import MixUp
+from torch import nn
+
+import effilab
+from effilab import InfoBatch, RandomPrune, telemetry_of
+
+from ..conftest import make_learner
+
+EFFILAB_DIR = str(Path(effilab.__file__).parent)
+
+
+class Trace(Callback):
+    """Records what the training loop did: batches and `n_iter` per epoch, learning rates."""
+
+    order = 100
+
+    def before_fit(self):
+        self.batches, self.n_iters, self.lrs = [], [], []
+
+    def before_train(self):
+        self.batches.append(0)
+
+    def after_batch(self):
+        if self.training:
+            self.batches[-1] += 1
+            self.lrs.append(self.opt.hypers[-1]["lr"])
+            if self.iter == 0:
+                self.n_iters.append(self.n_iter)
+
+
+def test_prunes_saves_samples_and_still_learns():
+    trace = Trace()
+    learn = make_learner([InfoBatch(0.5, delta=0.875, seed=0), trace], n=1024)
+    learn.fit_one_cycle(8, 2e-2)
+    tel = telemetry_of(learn)
+    epochs = tel.records("infobatch", "epoch")
+    assert [r["epoch"] for r in epochs] == list(range(8))
+    kept = [r["kept"] for r in epochs]
+    assert kept[0] == 1024 and kept[7] == 1024 and max(kept[1:7]) < 900
+    assert all(r["annealing"] == (r["epoch"] >= 7) for r in epochs)
+    assert all(r["kept"] + r["pruned"] == 1024 for r in epochs)
+    samples = tel.records("infobatch", "samples")[-1]
+    assert samples["forwarded_total"] == 32 * sum(trace.batches) < 0.85 * samples["full_total"]
+    assert learn.validate()[1] > 0.6
+
+
+def test_epoch_length_is_true_at_epoch_start_and_schedule_finishes():
+    """n_iter (what schedulers and progress bars read) equals the batches each epoch really runs, and
+    one-cycle ends where it would without pruning."""
+    trace = Trace()
+    learn = make_learner([InfoBatch(0.6, seed=0), trace], n=1024)
+    learn.fit_one_cycle(6, 1e-2)
+    assert trace.n_iters == trace.batches and min(trace.batches) < 32
+    full = Trace()
+    make_learner([full], n=1024).fit_one_cycle(6, 1e-2)
+    assert trace.lrs[-1] == pytest.approx(full.lrs[-1], rel=1e-6)
+    assert trace.lrs[0] == pytest.approx(full.lrs[0], rel=1e-6)
+    assert max(trace.lrs) == pytest.approx(max(full.lrs), rel=0.05)
+
+
+def test_validation_is_never_pruned():
+    class CountValid(Callback):
+        order = 100
+
+        def before_validate(self):
+            self.n = 0
+
+        def after_batch(self):
+            if not self.training:
+                self.n += self.yb[0].shape[0]
+
+    counter = CountValid()
+    learn = make_learner([InfoBatch(0.9, seed=0), counter], n=512)
+    learn.fit(4, 1e-2)
+    assert counter.n == 128  # the whole validation set, every epoch
+
+
+def test_global_rng_states_are_those_of_a_run_without_it():
+    def states_after(cbs):
+        torch.manual_seed(0)
+        np.random.seed(0)
+        random.seed(0)
+        learn = make_learner(cbs, shuffle=True)
+        learn.fit(3, 1e-2)
+        return torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+
+    plain, pruned = states_after([]), states_after([InfoBatch(0.5, seed=0)])
+    assert torch.equal(plain[0], pruned[0])
+    assert np.array_equal(plain[1], pruned[1])
+    assert plain[2] == pruned[2]
+
+
+def test_reported_loss_estimates_the_full_data_loss():
+    """With frozen weights, the reported training loss of a pruned epoch matches the full-data loss."""
+
+    class Freeze(Callback):
+        order = 20
+
+        def before_step(self):
+            from fastai.callback.core import CancelStepException
+            raise CancelStepException
+
+    class Losses(Callback):
+        order = 100
+
+        def before_train(self):
+            self.values = []
+
+        def after_batch(self):
+            if self.training:
+                self.values.append(float(self.learn.loss))
+
+    rec_ib, rec_full = Losses(), Losses()
+    ib = make_learner([InfoBatch(0.8, seed=0), Freeze(), rec_ib], n=2048, batchnorm=False)
+    ib.fit(1, 1e-2)
+    scores = ib.cbs.filter(lambda c: isinstance(c, InfoBatch))[0].pruner.table.scores
+    ib.fit(2, 1e-2)  # the second fit prunes from its first epoch: scores are known
+    full = make_learner([Freeze(), rec_full], n=2048, batchnorm=False)
+    full.fit(1, 1e-2)
+    kept_fraction = telemetry_of(ib).records("infobatch", "epoch")[-2]["kept"] / 2048
+    assert kept_fraction < 0.7
+    full_mean = float(np.mean(rec_full.values))
+    assert full_mean == pytest.approx(float(scores.mean()), rel=0.02)
+    assert float(np.mean(rec_ib.values)) == pytest.approx(full_mean, rel=0.1)
+
+
+def test_no_host_sync_in_training_batches(monkeypatch):
+    """No .item()/.cpu()/.tolist()/float()/bool()... from effilab code while a training batch runs."""
+    calls = []
+    in_batch = [False]
+
+    def spy(name, original):
+        def wrapper(self, *args, **kwargs):
+            if in_batch[0]:
+                frame = sys._getframe(1)
+                if frame.f_code.co_filename.startswith(EFFILAB_DIR):
+                    calls.append(f"{name} at {frame.f_code.co_filename}:{frame.f_lineno}")
+            return original(self, *args, **kwargs)
+        return wrapper
+
+    for name in ("item", "cpu", "tolist", "numpy", "__float__", "__int__", "__bool__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, spy(name, getattr(torch.Tensor, name)))
+
+    class Window(Callback):
+        order = -100
+
+        def before_batch(self):
+            in_batch[0] = self.training
+
+        def after_batch(self):
+            in_batch[0] = False
+
+    learn = make_learner([InfoBatch(0.5, seed=0), Window()])
+    learn.fit(3, 1e-2)
+    assert telemetry_of(learn).records("infobatch", "epoch")[1]["pruned"] > 0
+    assert calls == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_no_cuda_sync_in_training_steps():
+    class SyncError(Callback):
+        order = -100
+
+        def before_batch(self):
+            if self.training and self.epoch > 0:
+                torch.cuda.set_sync_debug_mode("error")
+
+        def after_loss(self):
+            torch.cuda.set_sync_debug_mode("default")
+
+    learn = make_learner([InfoBatch(0.5, seed=0), SyncError()])
+    learn.dls.to("cuda")
+    learn.model.cuda()
+    learn.fit(3, 1e-2)
+
+
+def test_bad_input_gets_clear_errors():
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        InfoBatch(ratio=1.0)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        InfoBatch(delta=1.5)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        RandomPrune(fraction=-0.1)
+
+    def scalar_loss(pred, y):
+        return nn.functional.cross_entropy(pred, y)
+
+    learn = make_learner([InfoBatch(0.5)], loss_func=scalar_loss)
+    with pytest.raises(TypeError, match="reduction='none'"):
+        learn.fit(1)
+
+
+def test_iterable_dataset_is_refused():
+    from fastai.data.core import DataLoaders
+    from fastai.data.load import DataLoader
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            for i in range(64):
+                yield torch.randn(12), torch.tensor(i % 4)
+
+    learn = make_learner([InfoBatch(0.5)])
+    learn.dls = DataLoaders(DataLoader(Stream(), bs=16), learn.dls.valid, device="cpu")
+    with pytest.raises(TypeError, match="indexable"):
+        learn.fit(1)
+
+
+def test_non_finite_losses_are_not_scored_and_warned_once():
+    class Poison(Callback):
+        order = 0
+
+        def after_pred(self):
+            if self.training and self.iter == 0:
+                self.learn.pred = self.pred.clone()
+                self.learn.pred[0] = float("nan")
+
+    learn = make_learner([InfoBatch(0.5, seed=0), Poison()])
+    learn.opt_func = _sgd_skipping_nan
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        learn.fit(3, 1e-2)
+    msgs = [str(w.message) for w in caught if "non-finite" in str(w.message)]
+    assert len(msgs) == 1
+    ib = learn.cbs.filter(lambda c: isinstance(c, InfoBatch))[0]
+    assert torch.isfinite(ib.pruner.table.scores).all()
+    assert telemetry_of(learn).records("infobatch", "nonfinite")[-1]["total"] == 3
+
+
+def _sgd_skipping_nan(params, lr, **kwargs):
+    from fastai.optimizer import SGD
+
+    opt = SGD(params, lr)
+    step = opt.step
+
+    def guarded(*a, **k):
+        if all(torch.isfinite(p.grad).all() for p in opt.all_params(with_grad=True).itemgot(0)):
+            step(*a, **k)
+    opt.step = guarded
+    return opt
+
+
+def test_training_set_size_change_starts_fresh_scores():
+    learn = make_learner([InfoBatch(0.5, seed=0)], n=256)
+    learn.fit(2, 1e-2)
+    learn.dls = make_learner([], n=512).dls
+    with pytest.warns(UserWarning, match="changed size"):
+        learn.fit(2, 1e-2)
+    ib = learn.cbs.filter(lambda c: isinstance(c, InfoBatch))[0]
+    assert ib.pruner.num_samples == 512
+
+
+def test_interrupted_fit_leaves_the_learner_usable():
+    class Interrupt(Callback):
+        def after_batch(self):
+            if self.training and self.epoch == 1 and self.iter == 3:
+                raise KeyboardInterrupt
+
+    learn = make_learner([InfoBatch(0.5, seed=0), Interrupt()])
+    loss_func = learn.loss_func
+    with pytest.raises(KeyboardInterrupt):
+        learn.fit(3, 1e-2)
+    learn.remove_cb(Interrupt)
+    learn.validate()
+    assert learn.loss_func is loss_func
+    learn.fit(2, 1e-2)
+    assert learn.loss_func is loss_func
+    assert len(telemetry_of(learn).records("infobatch", "epoch")) == 4
+
+
+def test_composes_with_mixup():
+    learn = make_learner([InfoBatch(0.5, seed=0), MixUp()], n=512)
+    loss_func = learn.loss_func
+    learn.fit(3, 1e-2)
+    assert learn.loss_func is loss_func
+    assert telemetry_of(learn).records("infobatch", "epoch")[1]["pruned"] > 0
+
+
+def test_lr_find_is_left_alone():
+    learn = make_learner([InfoBatch(0.5, seed=0)])
+    learn.lr_find(num_it=20, show_plot=False)
+    assert telemetry_of(learn).records("infobatch", "epoch") == []
+
+
+def test_random_prune_keeps_the_fraction():
+    learn = make_learner([RandomPrune(0.25, delta=0.5, seed=0)], n=1024)
+    learn.fit(4, 1e-2)
+    kept = [r["kept"] for r in telemetry_of(learn).records("random_prune", "epoch")]
+    assert kept == [768, 768, 1024, 1024]

@@ -1,0 +1,110 @@
+"""The generic suite: every registered technique goes through the same fits, resumes and combinations.
+
+A technique registers itself once (`effilab.registry.register`) and inherits all of these tests.
+Two-process DDP for stateful techniques lives in tests/distributed.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from fastai.callback.core import Callback
+from fastai.callback.fp16 import MixedPrecision
+from fastai.learner import load_learner
+
+from effilab.callback import telemetry_of
+from effilab.registry import all_techniques
+
+from .conftest import make_learner, params_of
+
+TECHNIQUES = all_techniques()
+NAMES = sorted(TECHNIQUES)
+
+
+def test_registry_is_not_empty():
+    assert {"infobatch", "random_prune"} <= set(NAMES)
+
+
+class _CpuBf16(Callback):
+    """Mixed precision on the CPU (fastai's MixedPrecision targets CUDA): bf16 autocast around the forward."""
+
+    order = 10
+
+    def before_batch(self):
+        self.ctx = torch.autocast("cpu", dtype=torch.bfloat16)
+        self.ctx.__enter__()
+
+    def after_loss(self):
+        self.ctx.__exit__(None, None, None)
+
+
+def _fit_ok(learn, epochs=2):
+    learn.fit_one_cycle(epochs, 1e-2)
+    loss, acc = learn.validate()
+    assert torch.isfinite(torch.tensor(loss)) and 0 <= acc <= 1
+    return loss, acc
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_two_epoch_fit_then_a_second_fit(name):
+    learn = make_learner([TECHNIQUES[name].make()])
+    before = params_of(learn)
+    _fit_ok(learn)
+    assert not torch.equal(before, params_of(learn)), "no training happened"
+    _fit_ok(learn, epochs=3)  # a second fit on the same Learner
+    assert telemetry_of(learn).sources, "the technique wrote no telemetry"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_resume_mid_run_continues_identically(name, tmp_path):
+    class SaveAt(Callback):
+        def after_epoch(self):
+            if self.epoch == 1:
+                self.learn.save_checkpoint("mid")
+
+    full = make_learner([TECHNIQUES[name].make(), SaveAt()], path=tmp_path)
+    full.fit_one_cycle(4, 1e-2)
+
+    resumed = make_learner([TECHNIQUES[name].make()], path=tmp_path, model_seed=1)  # other initial weights
+    start = resumed.load_checkpoint("mid")
+    assert start == 2
+    resumed.fit_one_cycle(4, 1e-2, start_epoch=start)
+    assert torch.allclose(params_of(full), params_of(resumed), atol=1e-6), "resumed run diverged"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_export_and_pickle(name, tmp_path):
+    learn = make_learner([TECHNIQUES[name].make()], path=tmp_path)
+    learn.fit(1, 1e-2)
+    cb = learn.cbs[-1] if type(learn.cbs[-1]).__module__.startswith("effilab") else None
+    if cb is not None:
+        pickle.loads(pickle.dumps(cb.state_dict()))
+    learn.export(tmp_path / "export.pkl")
+    inference = load_learner(tmp_path / "export.pkl")
+    x = torch.randn(3, 12)
+    with torch.no_grad():
+        assert torch.allclose(inference.model.eval()(x), learn.model.eval()(x))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("precision", ["fastai_mixed_precision", "cpu_bf16_autocast"])
+def test_with_mixed_precision(name, precision):
+    extra = MixedPrecision() if precision == "fastai_mixed_precision" else _CpuBf16()
+    learn = make_learner([TECHNIQUES[name].make(), extra])
+    _fit_ok(learn)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_with_dataloader_workers(name):
+    learn = make_learner([TECHNIQUES[name].make()], num_workers=2)
+    _fit_ok(learn)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_all_techniques_together(name):
+    """Each technique alongside every other one (where they can be combined) still trains."""
+    others = [TECHNIQUES[o].make() for o in NAMES if o != name and TECHNIQUES[o].category != "data"]
+    learn = make_learner([TECHNIQUES[name].make(), *others])
+    _fit_ok(learn)
