@@ -19,6 +19,7 @@ _LAZY = {
     "telemetry_of": "effilab.callback",
     "save_checkpoint": "effilab.callback",
     "load_checkpoint": "effilab.callback",
+    "distrib_ctx": "effilab.system.distributed",
     "datasets": "effilab.datasets",
 }
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 import fastai.callback.schedule  # noqa: F401  (Learner.fit_one_cycle and lr_find, as users expect)
-from fastai.learner import Learner
+import torch
 from fastai.callback.core import Callback
 from fastai.layers import NoneReduce
+from fastai.learner import Learner
+from fastai.torch_core import distrib_barrier
 
+from .core.distributed import rank
 from .core.telemetry import Telemetry
 
 __all__ = ["EffilabCallback", "load_checkpoint", "per_sample_losses", "save_checkpoint", "telemetry_of"]
@@ -75,13 +77,16 @@ def save_checkpoint(learn: Learner, name: str, with_opt: bool = True) -> Path:
     Saved at the end of epoch `e` (e.g. from `after_epoch`), `load_checkpoint` returns `e + 1`, and
     `learn.fit(n, start_epoch=e + 1)` continues exactly as the uninterrupted run would have.
     """
-    path = learn.save(name, with_opt=with_opt)
+    # Every rank gathers its state (that may be collective); rank 0 writes, as fastai's `save` does.
     state = {
         "resume_epoch": getattr(learn, "epoch", -1) + 1,
         "callbacks": {type(cb).__name__: cb.state_dict() for cb in _effilab_callbacks(learn)},
         "telemetry": telemetry_of(learn).__getstate__(),
     }
-    torch.save(state, _state_path(path))
+    path = learn.save(name, with_opt=with_opt)
+    if rank() == 0:
+        torch.save(state, _state_path(path))
+    distrib_barrier()
     return path
 
 

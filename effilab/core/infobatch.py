@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from .distributed import is_distributed
+
 __all__ = [
     "EpochPlan",
     "IndexedDataset",
@@ -52,10 +54,6 @@ def _generator(device: torch.device, seed: int, epoch: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(derive_seed(seed, epoch))
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 class ScoreTable:
     """Per-sample scores on the training device; one vectorised write per batch.
 
@@ -78,7 +76,9 @@ class ScoreTable:
         self.scores = torch.full((self.n,), float(initial), device=device)
         self.seen = torch.zeros(self.n, dtype=torch.bool, device=device)
         self.touched = torch.zeros(self.n, dtype=torch.bool, device=device)
-        self.nonfinite = torch.zeros((), dtype=torch.int64, device=device)
+        self.nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # merged over ranks at sync()
+        self.pending_nonfinite = torch.zeros((), dtype=torch.int64, device=device)
+        self.dirty = False  # written since the last sync (a host flag: checking it costs nothing)
 
     @property
     def device(self) -> torch.device:
@@ -98,28 +98,37 @@ class ScoreTable:
         self.scores.index_copy_(0, idx, new)
         self.seen.index_fill_(0, idx[finite], True)
         self.touched.index_fill_(0, idx, True)
-        self.nonfinite += (~finite).sum()
+        self.pending_nonfinite += (~finite).sum()
+        self.dirty = True
 
     def to(self, device: torch.device | str) -> ScoreTable:
-        for name in ("scores", "seen", "touched", "nonfinite"):
+        for name in ("scores", "seen", "touched", "nonfinite", "pending_nonfinite"):
             setattr(self, name, getattr(self, name).to(device))
         return self
 
     def sync(self) -> None:
-        """Make every rank's table identical (average where several ranks saw a sample). Collective."""
-        if _distributed():
+        """Make every rank's table identical (average where several ranks saw a sample) and fold in the
+        non-finite count. Collective (every rank calls it after the same batches); a no-op when nothing
+        was written since the last call."""
+        if not self.dirty:
+            return
+        if is_distributed():
             count = self.touched.to(torch.float32)
             total = self.scores * count
             seen = self.seen.to(torch.int32)
             dist.all_reduce(total)
             dist.all_reduce(count)
             dist.all_reduce(seen, op=dist.ReduceOp.MAX)
-            dist.all_reduce(self.nonfinite)
+            dist.all_reduce(self.pending_nonfinite)
             self.scores = torch.where(count > 0, total / count.clamp_min(1.0), self.scores)
             self.seen = seen.bool()
+        self.nonfinite += self.pending_nonfinite
+        self.pending_nonfinite.zero_()
         self.touched.zero_()
+        self.dirty = False
 
     def state_dict(self) -> dict:
+        self.sync()
         return {"scores": self.scores.clone(), "seen": self.seen.clone(), "nonfinite": self.nonfinite.clone(),
                 "momentum": self.momentum}
 
@@ -131,6 +140,8 @@ class ScoreTable:
         self.nonfinite = state["nonfinite"].to(self.device).clone()
         self.momentum = state["momentum"]
         self.touched.zero_()
+        self.pending_nonfinite.zero_()
+        self.dirty = False
 
 
 @dataclass
@@ -308,9 +319,9 @@ class InfoBatchSampler(Sampler[int]):
     def __init__(self, pruner: InfoBatchPruner, rank: int | None = None, world_size: int | None = None):
         self.pruner = pruner
         if world_size is None:
-            world_size = dist.get_world_size() if _distributed() else 1
+            world_size = dist.get_world_size() if is_distributed() else 1
         if rank is None:
-            rank = dist.get_rank() if _distributed() else 0
+            rank = dist.get_rank() if is_distributed() else 0
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         self.rank, self.world_size = rank, world_size

@@ -37,8 +37,9 @@ class InfoBatch(EpochPruningCallback):
     without InfoBatch), and schedules still span the whole fit (each epoch is 1/n_epoch of it, however
     short). `momentum` switches the score to an EMA of the loss.
 
-    **Interactions.** Runs before `MixUp`/`CutMix` (they wrap its loss) and before fastai's
-    `DistributedTrainer` (which shards its plan; scores are merged across ranks at each epoch end). Works
+    **Interactions.** Runs before `MixUp`/`CutMix` (they wrap its loss) and before the distributed
+    trainer of `effilab.system.distrib_ctx` (which shards its plan; every rank plans alike and the scores
+    are merged across ranks at each epoch end). Works
     with `MixedPrecision`, `num_workers>0`, a second `fit`, `save_checkpoint`/`load_checkpoint` and
     `export`. Inactive during `lr_find`.
 

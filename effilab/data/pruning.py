@@ -13,6 +13,7 @@ from fastai.torch_core import find_bs
 from fastcore.xtras import chunked
 
 from ..callback import EffilabCallback
+from ..core.distributed import all_reduce_sum, broadcast_from_rank0
 from ..core.infobatch import EpochPlan
 
 __all__ = ["EpochPruningCallback", "PlanDL"]
@@ -119,6 +120,9 @@ class EpochPruningCallback(EffilabCallback):
             raise TypeError(f"{type(self).__name__} needs an indexable training set with a length (map-style); "
                             f"{type(base.dataset).__name__} is not: it must know which samples it prunes")
         if not self._trained:
+            # Every rank must draw the same plans; a seed taken from torch's initial seed differs
+            # between processes, so rank 0's wins.
+            (self.seed,) = broadcast_from_rank0([self.seed])
             self.setup(base.n)
             self._trained = True
         self.plan = self.make_plan(self.learn.epoch)
@@ -140,8 +144,11 @@ class EpochPruningCallback(EffilabCallback):
     def after_train(self):
         if not self.active:
             return
+        # Under DDP each rank forwarded its shard: the telemetry speaks of the whole run.
+        (epoch_forwarded,) = all_reduce_sum([self.epoch_forwarded])
+        self.forwarded += epoch_forwarded - self.epoch_forwarded
         self.telemetry.record(self.telemetry_name, "samples", fit=self.fit_count, epoch=self.learn.epoch,
-                              forwarded=self.epoch_forwarded, forwarded_total=self.forwarded,
+                              forwarded=epoch_forwarded, forwarded_total=self.forwarded,
                               full_total=self._full_total())
         self._deactivate()
 
