@@ -47,6 +47,7 @@ class PlanDL(TfmdDL):
         self.fake_l = _FakeLoader(self, fake.pin_memory, fake.num_workers, fake.timeout,
                                   persistent_workers=fake.persistent_workers,
                                   pin_memory_device=fake.pin_memory_device)
+        self.fake_l.generator = fake.generator  # a seeded loader keeps its worker seeds off the global RNG
 
     def get_idxs(self):
         return self.idxs
