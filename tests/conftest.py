@@ -8,6 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+# Tiny models run fastest on one thread, and a second thread only fights the loader workers and the
+# notebook kernels the suite starts on a 2-core machine.
+torch.set_num_threads(1)
+
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
 warnings.filterwarnings("ignore", message=".*CUDA is not available.*")
 warnings.filterwarnings("ignore", message=".*device_type of 'cuda'.*")

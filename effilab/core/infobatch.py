@@ -74,8 +74,8 @@ class ScoreTable:
         device = torch.device(device)
         # All scores start equal, so the first epoch keeps everything (nothing is below the mean).
         self.scores = torch.full((self.n,), float(initial), device=device)
-        self.seen = torch.zeros(self.n, dtype=torch.bool, device=device)
-        self.touched = torch.zeros(self.n, dtype=torch.bool, device=device)
+        self.seen = torch.zeros(self.n, dtype=torch.bool, device=device)  # has a finite loss (EMA mode)
+        self.touched = torch.zeros(self.n, dtype=torch.bool, device=device)  # written this epoch (DDP)
         self.nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # merged over ranks at sync()
         self.pending_nonfinite = torch.zeros((), dtype=torch.int64, device=device)
         self.dirty = False  # written since the last sync (a host flag: checking it costs nothing)
@@ -94,11 +94,12 @@ class ScoreTable:
         if self.momentum is not None:
             seen = self.seen.index_select(0, idx)
             new = torch.where(seen, self.momentum * old + (1.0 - self.momentum) * losses, losses)
-        new = torch.where(finite, new, old)
-        self.scores.index_copy_(0, idx, new)
-        self.seen.index_fill_(0, idx[finite], True)
-        self.touched.index_fill_(0, idx, True)
-        self.pending_nonfinite += (~finite).sum()
+            # no boolean-mask indexing (`idx[finite]`): its output size would need a host sync
+            self.seen.index_copy_(0, idx, seen | finite)
+        self.scores.index_copy_(0, idx, torch.where(finite, new, old))
+        if is_distributed():
+            self.touched.index_fill_(0, idx, True)
+        self.pending_nonfinite += finite.numel() - finite.sum()
         self.dirty = True
 
     def to(self, device: torch.device | str) -> ScoreTable:
