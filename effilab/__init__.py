@@ -21,6 +21,11 @@ _LAZY = {
     "load_checkpoint": "effilab.callback",
     "distrib_ctx": "effilab.system.distributed",
     "datasets": "effilab.datasets",
+    "SystemMonitor": "effilab.system.monitor",
+    "FitRecorder": "effilab.system.fit_recorder",
+    "MemoryProbe": "effilab.core.probe",
+    "ThroughputMeter": "effilab.core.probe",
+    "Dashboard": "effilab.viz.dashboard",
 }
 
 __all__ = sorted(_LAZY)

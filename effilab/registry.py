@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import import_module
@@ -9,7 +10,8 @@ from importlib import import_module
 __all__ = ["Technique", "TECHNIQUES", "all_techniques", "register"]
 
 # The category packages whose import registers their techniques.
-_CATEGORIES = ("effilab.data", "effilab.model", "effilab.optim", "effilab.budget", "effilab.system")
+_CATEGORIES = ("effilab.data", "effilab.model", "effilab.optim", "effilab.budget", "effilab.system",
+               "effilab.viz")
 
 
 @dataclass(frozen=True)
@@ -33,11 +35,15 @@ def register(name: str, make: Callable, category: str, stateful: bool = False) -
 
 
 def all_techniques() -> dict[str, Technique]:
-    """Import every category package (registering its techniques) and return the registry."""
-    for pkg in _CATEGORIES:
+    """Import every module of every category package (registering its techniques) and return the
+    registry. Category packages load their modules lazily, so each module is imported here."""
+    for name in _CATEGORIES:
         try:
-            import_module(pkg)
+            pkg = import_module(name)
         except ModuleNotFoundError as e:
-            if e.name != pkg:  # a category without techniques yet is fine; a broken import is not
+            if e.name != name:  # a category without techniques yet is fine; a broken import is not
                 raise
+            continue
+        for module in pkgutil.iter_modules(pkg.__path__):
+            import_module(f"{name}.{module.name}")
     return dict(TECHNIQUES)

@@ -10,6 +10,8 @@ _LAZY = {
     "distrib_ctx": "effilab.system.distributed",
     "CPUSafeDistributedDL": "effilab.system.distributed",
     "CPUSafeDistributedTrainer": "effilab.system.distributed",
+    "SystemMonitor": "effilab.system.monitor",
+    "FitRecorder": "effilab.system.fit_recorder",
 }
 
 __all__ = sorted(_LAZY)

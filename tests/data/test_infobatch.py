@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import random
-import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,12 +12,10 @@ from fastai.callback.core import Callback
 from fastai.callback.mixup import MixUp
 from torch import nn
 
-import effilab
 from effilab import InfoBatch, RandomPrune, telemetry_of
 
 from ..conftest import make_learner
-
-EFFILAB_DIR = str(Path(effilab.__file__).parent)
+from ..spies import HostReadSpy
 
 
 class Trace(Callback):
@@ -139,34 +135,12 @@ def test_reported_loss_estimates_the_full_data_loss():
 
 def test_no_host_sync_in_training_batches(monkeypatch):
     """No .item()/.cpu()/.tolist()/float()/bool()... from effilab code while a training batch runs."""
-    calls = []
-    in_batch = [False]
-
-    def spy(name, original):
-        def wrapper(self, *args, **kwargs):
-            if in_batch[0]:
-                frame = sys._getframe(1)
-                if frame.f_code.co_filename.startswith(EFFILAB_DIR):
-                    calls.append(f"{name} at {frame.f_code.co_filename}:{frame.f_lineno}")
-            return original(self, *args, **kwargs)
-        return wrapper
-
-    for name in ("item", "cpu", "tolist", "numpy", "__float__", "__int__", "__bool__", "__index__"):
-        monkeypatch.setattr(torch.Tensor, name, spy(name, getattr(torch.Tensor, name)))
-
-    class Window(Callback):
-        order = -100
-
-        def before_batch(self):
-            in_batch[0] = self.training
-
-        def after_batch(self):
-            in_batch[0] = False
-
-    learn = make_learner([InfoBatch(0.5, seed=0), Window()])
+    spy = HostReadSpy(monkeypatch)
+    learn = make_learner([InfoBatch(0.5, seed=0), *spy.callbacks()])
     learn.fit(3, 1e-2)
     assert telemetry_of(learn).records("infobatch", "epoch")[1]["pruned"] > 0
-    assert calls == []
+    assert 16 < len(spy.per_batch) < 3 * 16  # every batch was watched; epochs 1-2 were pruned
+    assert [r for batch in spy.per_batch for r in batch] == []
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
