@@ -151,7 +151,7 @@ def bigindex(rank: int, world: int) -> dict:
     """Score-table merge and index broadcast with indices that float32 cannot represent."""
     from effilab.system.distributed import CPUSafeDistributedDL
 
-    table = ScoreTable(BIG + 10)
+    table = ScoreTable(BIG + 10, momentum=0.5)  # EMA mode also tracks `seen`; first losses are taken as is
     if rank == 0:
         table.update(torch.tensor([BIG + 3, BIG + 9]), torch.tensor([3.25, 1.5]))
     else:

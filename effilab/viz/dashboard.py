@@ -1,0 +1,312 @@
+"""The live training dashboard: one plotly FigureWidget updated while fastai trains, or a static figure
+and a text summary at the end of the fit where no front end draws widgets."""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+from fastai.callback.core import Callback
+from fastai.learner import Learner
+
+from ..callback import telemetry_of
+from . import figures as F
+from .mode import ModeChoice, decide_mode, in_kernel
+
+__all__ = ["Dashboard", "Throttle"]
+
+
+class Throttle:
+    """Lets through at most `max_per_s` calls per second; a forced call always passes (and restarts the
+    interval). `clock` is injectable for tests."""
+
+    def __init__(self, max_per_s: float = 2.0, clock=time.monotonic):
+        self.interval = 1.0 / max_per_s if max_per_s > 0 else 0.0
+        self.clock = clock
+        self.last = float("-inf")
+
+    def __call__(self, force: bool = False) -> bool:
+        now = self.clock()
+        if force or now - self.last >= self.interval:
+            self.last = now
+            return True
+        return False
+
+
+class Dashboard(Callback):
+    """A live panel of the fit in the notebook: training curves, data decisions, schedules, memory and
+    throughput, drawn from `learn.telemetry` only.
+
+    **Use.** `Learner(dls, model, cbs=[InfoBatch(0.5), Dashboard()])`, or `learn.dashboard()` (adds it
+    and returns the Learner). It adds the telemetry writers it draws from (`FitRecorder`,
+    `SystemMonitor`) when the Learner lacks them. A panel appears only when it has data: training loss and
+    metrics; data decisions (score histogram kept / rescaled / pruned with the threshold, kept fraction per
+    epoch) for InfoBatch and any technique reporting a score histogram; planned (dashed) vs actual (solid)
+    schedules; memory (CUDA, or process RSS without a GPU); throughput, data-wait fraction, samples
+    forwarded vs full data, time left. After the fit, a slider scrubs the histogram through the epochs.
+
+    **Mode** (`mode=None` chooses; first match wins): the `mode` argument (`"live"`, `"static"`,
+    `"off"`) > environment variable `EFFILAB_DASHBOARD` > `CI` set: static > not in a Jupyter kernel:
+    static > a widget front end (`JPY_SESSION_NAME`: JupyterLab / Notebook 7, `VSCODE_PID`: VS Code,
+    Colab): live > static (papermill, nbclient). See `effilab.viz.mode`.
+
+    - *live*: one `FigureWidget` (subplots) with a progress bar and a status line, in a box of CSS class
+      `effilab-dashboard`; redrawn inside `batch_update` when the telemetry changed, at most `max_per_s`
+      times per second plus each epoch's end. At the end of the fit the widget is replaced, through its
+      display handle, by the static figure, so a saved notebook shows the result.
+    - *static*: no widget; at the end of the fit the figure (when in a kernel) and a text summary.
+    - *off*: nothing.
+
+    `save_html(path)` writes a self-contained report of the latest fit (`effilab.viz.report_html`).
+    Drawing never stops training: a failure is reported once per fit as a warning. The last fit's figure
+    and summary stay in `final_figure` and `final_summary`.
+    """
+
+    order, run_valid = 95, False  # after the telemetry writers (FitRecorder 55, SystemMonitor 90)
+    # Widgets, display handles and the last figure stay out of pickles (`learn.export`).
+    _stateattrs = ("_fw", "_status", "_progress", "_widgets", "_handle", "final_figure")
+
+    def __init__(self, mode: str | None = None, max_per_s: float = 2.0, clock=time.monotonic):
+        decide_mode(mode, env={}, kernel=False)  # a wrong mode fails here, not in the middle of a fit
+        self.mode_arg, self.max_per_s, self.clock = mode, max_per_s, clock
+        self.mode, self.mode_reason, self.final_summary = None, "", ""
+        self.n_pushes = self.n_rebuilds = self.n_failures = 0
+        self._init_state()
+
+    def _init_state(self):
+        super()._init_state()
+        self.final_figure = self._fw = self._status = self._progress = self._handle = None
+        self._widgets = []
+        self._running, self._warned, self._seen, self._key, self._sent = False, False, -1, None, {}
+        self._throttle = Throttle(self.max_per_s, self.clock) if hasattr(self, "max_per_s") else None
+
+    # `learn.dashboard()` when the Learner already has one: adjust it, return the Learner.
+    def __call__(self, event_name: str | None = None, mode: str | None = None,
+                 max_per_s: float | None = None):
+        if event_name is not None:
+            return super().__call__(event_name)
+        if mode is not None:
+            decide_mode(mode, env={}, kernel=False)
+            self.mode_arg = mode
+        if max_per_s is not None:
+            self.max_per_s = max_per_s
+        return self.learn
+
+    # ---- events
+    def after_create(self):
+        self._guard("adding the telemetry writers", self._ensure_writers)
+
+    def before_fit(self):
+        if self._running:  # the last fit was interrupted: close its widget, show what it recorded
+            self._running = False
+            self._guard("finishing the interrupted fit's dashboard", self._finish)
+        if self._lr_finding():
+            return
+        self._guard("adding the telemetry writers", self._ensure_writers, True)
+        try:
+            self.mode, self.mode_reason = decide_mode(self.mode_arg)
+        except ValueError as e:  # a bad EFFILAB_DASHBOARD: say so, don't stop the fit
+            warnings.warn(f"Dashboard: {e}; using the static dashboard", RuntimeWarning, stacklevel=2)
+            self.mode, self.mode_reason = ModeChoice("static", "invalid environment setting")
+        self._warned, self._seen, self._key = False, -1, None
+        self._throttle = Throttle(self.max_per_s, self.clock)
+        if self.mode == "live":
+            self._guard("loading the live widget", self._preload)
+
+    def before_train(self):
+        # Started here, not in before_fit: `validate()` and `get_preds()` fire before_fit too.
+        if self.mode in (None, "off") or self._lr_finding():
+            return
+        if not self._running:
+            self._running = True
+            if self.mode == "live":
+                self._guard("opening the live dashboard", self._open_widget)
+                if self._fw is None:  # no widget after all: the static figure at the end instead
+                    self.mode, self.mode_reason = "static", "the live widget could not be opened"
+        self._push()
+
+    def before_batch(self):
+        # Here rather than in after_batch: SystemMonitor counts the time between a batch's end and the next
+        # batch's start as waiting for data, and drawing is not the loader's fault.
+        if self._fw is not None:
+            self._push()
+
+    def after_epoch(self):
+        if self._fw is not None and self._running:
+            self._push(force=True)
+
+    def after_fit(self):
+        if not self._running:
+            return
+        self._running = False
+        if self._fw is not None:
+            self._push(force=True)
+        self._guard("drawing the final figure", self._finish)
+
+    # ---- public
+    def save_html(self, path) -> str:
+        """Write the latest fit's report (figure and summary, plotly.js embedded) to `path`."""
+        if self.learn is None:
+            raise ValueError("this Dashboard is not attached to a Learner: call effilab.viz.report_html("
+                             "learn.telemetry, path) instead")
+        return F.report_html(telemetry_of(self.learn), path)
+
+    def state_dict(self) -> dict:
+        return {}  # nothing to resume: the telemetry travels with checkpoints
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    # ---- internals
+    def _lr_finding(self) -> bool:
+        return hasattr(self.learn, "lr_finder")
+
+    def _guard(self, what: str, fn, *args):
+        """Run a drawing step; a failure becomes one warning per fit, never an exception in training."""
+        try:
+            return fn(*args)
+        except Exception as e:
+            self.n_failures += 1
+            if not self._warned:
+                self._warned = True
+                warnings.warn(f"Dashboard: {what} failed ({type(e).__name__}: {e}); training goes on without "
+                              "the dashboard's update", RuntimeWarning, stacklevel=3)
+            return None
+
+    def _ensure_writers(self, in_fit: bool = False):
+        try:
+            from ..system.fit_recorder import FitRecorder
+            from ..system.monitor import SystemMonitor
+        except ImportError:
+            return
+        for cls in (FitRecorder, SystemMonitor):
+            if not any(isinstance(cb, cls) for cb in self.learn.cbs):
+                cb = cls()
+                self.learn.add_cb(cb)
+                if in_fit:  # the Learner is past this event for the callbacks it had when it started
+                    cb("before_fit")
+
+    @staticmethod
+    def _preload():
+        # The first FigureWidget imports anywidget (~1 s): pay it before training starts, where the system
+        # monitor would count it as time spent waiting for data.
+        import ipywidgets  # noqa: F401
+        import plotly.graph_objects as go
+
+        go.FigureWidget  # noqa: B018
+
+    def _open_widget(self):
+        t = F.snapshot(telemetry_of(self.learn))
+        cs = F.cells(t)
+        try:
+            import ipywidgets as W
+            import plotly.graph_objects as go
+
+            fw = go.FigureWidget(F.build_figure(t, scrub=False, cell_list=cs))
+        except ImportError as e:  # plotly >= 6 draws FigureWidgets with anywidget
+            warnings.warn(f"Dashboard: the live widget needs anywidget and ipywidgets ({e}); showing a "
+                          "static figure at the end of the fit instead", RuntimeWarning, stacklevel=2)
+            self._warned = True
+            return
+        self._status = W.HTML(value=self._status_html(t))
+        self._progress = W.FloatProgress(value=0.0, min=0.0, max=1.0, description="training",
+                                         bar_style="info")
+        header = W.HBox([self._progress, self._status])
+        box = W.VBox([header, fw])
+        # CSS classes: how a browser test finds the dashboard in the page.
+        for w, cls in ((box, "effilab-dashboard"), (fw, "effilab-dashboard-figure"),
+                       (self._status, "effilab-dashboard-status"),
+                       (self._progress, "effilab-dashboard-progress")):
+            w.add_class(cls)
+        self._fw, self._widgets, self._key, self._seen, self._sent = \
+            fw, [box, header, fw, self._status, self._progress], F.layout_key(cs), t.version, {}
+        if in_kernel():
+            from IPython.display import display
+
+            self._handle = display(box, display_id=True)
+
+    def _push(self, force: bool = False):
+        t = telemetry_of(self.learn)
+        if t.version == self._seen or not self._throttle(force):
+            return
+        self._seen = t.version
+        self._guard("updating the live dashboard", self._redraw, t)
+
+    def _redraw(self, t):
+        fw = self._fw
+        if fw is None:
+            return
+        snap = F.snapshot(t)  # one read of the store for this push
+        cs = F.cells(snap)
+        key = F.layout_key(cs)
+        with fw.batch_update():
+            if key != self._key:  # panels appeared: same widget, new subplot grid
+                new = F.build_figure(snap, scrub=False, cell_list=cs)
+                fw.data = []
+                fw.add_traces(list(new.data))
+                fw.layout = new.layout
+                self._key, self._sent = key, {}
+                self.n_rebuilds += 1
+            else:
+                F.update_figure(fw, snap, cs, self._sent)
+        st = F.status(snap)
+        html = self._status_html(snap)
+        if self._status.value != html:
+            self._status.value = html
+        self._progress.value = float(min(1.0, max(0.0, st["pct"] or 0.0)))
+        self.n_pushes += 1
+
+    @staticmethod
+    def _status_html(t) -> str:
+        import html
+
+        return f"<span style='font-family:monospace'>{html.escape(F.status_line(t))}</span>"
+
+    def _finish(self):
+        t = F.snapshot(telemetry_of(self.learn))
+        fig = summary = None
+        try:
+            summary = F.summary_text(t)
+            fig = F.build_figure(t)
+        finally:
+            self.final_figure, self.final_summary = fig, summary or ""
+            if self.mode == "live":
+                handle, self._handle = self._handle, None
+                try:
+                    if handle is not None and fig is not None:
+                        # Replaces the widget's output: a saved notebook keeps the figure, not the widget.
+                        handle.update(F.figure_bundle(fig), raw=True)
+                finally:
+                    self._close_widget()
+            elif self.mode == "static" and fig is not None and in_kernel():
+                from IPython.display import display
+
+                display(F.figure_bundle(fig), raw=True)
+            if summary and self.mode != "off":
+                print(summary)
+
+    def _close_widget(self):
+        widgets, self._widgets = self._widgets, []
+        self._fw = self._status = self._progress = None
+        for w in widgets:
+            # A widget's layout and style are widgets of their own, with comms of their own.
+            for part in (getattr(w, "layout", None), getattr(w, "style", None), w):
+                if part is not None and hasattr(part, "close"):
+                    part.close()
+
+
+def dashboard(self: Learner, mode: str | None = None, max_per_s: float | None = None) -> Learner:
+    """Add a `Dashboard` (and the telemetry writers it draws from) to this Learner; returns the Learner.
+
+    Once added, `learn.dashboard` is the callback (`learn.dashboard.save_html(path)`), and calling it
+    again (`learn.dashboard(mode="static")`) changes the settings given."""
+    existing = next((cb for cb in self.cbs if isinstance(cb, Dashboard)), None)
+    if existing is not None:
+        return existing(None, mode=mode, max_per_s=max_per_s)
+    cb = Dashboard(mode, 2.0 if max_per_s is None else max_per_s)
+    self.add_cb(cb)
+    cb._guard("adding the telemetry writers", cb._ensure_writers)
+    return self
+
+
+Learner.dashboard = dashboard

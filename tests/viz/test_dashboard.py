@@ -1,0 +1,287 @@
+"""The Dashboard callback on real tiny fits: static and live (headless) modes, throttling, failures that
+must not stop training, a second fit, and the dashboard notebook run by papermill."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from fastai.callback.core import Callback
+
+from effilab.callback import telemetry_of
+from effilab.data import InfoBatch
+from effilab.system.fit_recorder import FitRecorder
+from effilab.system.monitor import SystemMonitor
+from effilab.viz import figures as F
+from effilab.viz.dashboard import Dashboard, Throttle
+from effilab.viz.mode import ENV_VAR
+
+from ..conftest import make_learner
+
+ROOT = Path(__file__).resolve().parents[2]
+N, BS = 128, 32  # 4 training batches per epoch: the fits below take a second or two
+
+
+@pytest.fixture(autouse=True)
+def _no_mode_from_the_environment(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.delenv("CI", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # These models are tiny: extra intra-op threads only add contention, which on a busy 2-core machine
+    # made a fit 25x slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _widget_count() -> int:
+    from ipywidgets.widgets import widget
+
+    return len(widget._instances)
+
+
+class FakeClock:
+    def __init__(self, t: float = 0.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_throttle_lets_two_per_second_through_plus_forced():
+    clock = FakeClock()
+    th = Throttle(max_per_s=2.0, clock=clock)
+    passed = 0
+    for i in range(100):  # 100 calls within one second
+        clock.t = i / 100
+        passed += th()
+    assert passed == 2
+    assert th(force=True) and th(force=True)  # epoch ends and the final push always go
+    clock.t = 0.995
+    assert not th()  # ...and restart the interval
+    clock.t = 1.5
+    assert th()
+    assert sum(Throttle(0, clock)() for _ in range(10)) == 10  # max_per_s=0: no throttling
+
+
+def test_static_fit_draws_no_widget_and_prints_a_summary(monkeypatch, capsys, tmp_path):
+    import plotly.graph_objects as go
+
+    def no_widget(*a, **k):
+        raise AssertionError("a FigureWidget was created in static mode")
+
+    monkeypatch.setattr(go, "FigureWidget", no_widget)
+    before = _widget_count()
+    dash = Dashboard()  # auto: pytest is no kernel, so static
+    learn = make_learner([InfoBatch(0.5, delta=0.75, seed=0), dash], n=N, bs=BS)
+    assert sum(isinstance(cb, (FitRecorder, SystemMonitor)) for cb in learn.cbs) == 2  # writers added
+    learn.fit_one_cycle(3, 1e-2)
+    assert dash.mode == "static" and "kernel" in dash.mode_reason
+    assert _widget_count() == before and dash.n_pushes == 0
+    out = capsys.readouterr().out
+    assert "Training (fit 0): 3 of 3 epochs" in out and "Data decisions (infobatch)" in out
+    fig = dash.final_figure
+    names = {tr.name for tr in fig.data}
+    assert {"loss: valid", "scores/infobatch: threshold", "schedule/lr: planned", "memory: rss"} <= names
+    assert len(fig.layout.sliders[0].steps) == 3  # the epochs can be scrubbed
+    path = dash.save_html(tmp_path / "run.html")
+    html = Path(path).read_text()
+    assert "plotly.js v" in html
+    for title in ("Training: loss", "Data decisions (infobatch)", "Schedule: lr", "Memory", "Throughput"):
+        assert title in html
+    # validate() fires before_fit/after_fit too: no second summary, the figure stays
+    learn.validate()
+    assert capsys.readouterr().out == "" and dash.final_figure is fig
+
+
+class _Probe(Callback):
+    """Looks at the live widget at each epoch's end (after the Dashboard's push)."""
+
+    order = 99
+
+    def __init__(self, dash):
+        self.dash, self.seen = dash, []
+
+    def after_epoch(self):
+        fw = self.dash._fw
+        if fw is not None:
+            valid = next(tr for tr in fw.data if tr.name == "loss: valid")
+            self.seen.append((len(valid.x), self.dash._widgets[0]._dom_classes, self.dash._progress.value))
+
+
+def test_live_fit_headless_updates_throttled_then_second_fit(capsys):
+    pytest.importorskip("anywidget")
+    # The fit recorder writes every step, so every batch finds the telemetry changed.
+    writers = [FitRecorder(every=1, max_per_s=1e9)]
+    learn = make_learner([InfoBatch(0.5, delta=0.75, seed=0), *writers], n=N, bs=BS)
+    # A fake clock that moves 0.01 s per training step: the fit lasts a "tenth of a second".
+    dash = Dashboard(mode="live", clock=lambda: learn.train_iter * 0.01)
+    probe = _Probe(dash)
+    learn.add_cbs([dash, probe])
+    learn.fit_one_cycle(3, 1e-2)
+    assert dash.mode == "live" and dash.n_failures == 0
+    assert [n for n, _, _ in probe.seen] == [1, 2, 3]  # the widget followed every epoch
+    assert all("effilab-dashboard" in classes for _, classes, _ in probe.seen)
+    assert probe.seen[-1][2] == pytest.approx(1.0)
+    # one unforced push (the first), three epoch ends, at most one final push
+    assert 4 <= dash.n_pushes <= 5, dash.n_pushes
+    assert dash._fw is None and dash.final_figure is not None  # the widget is closed, the figure stays
+    assert "Training (fit 0)" in capsys.readouterr().out
+
+    # Without throttling every telemetry change is drawn: many more pushes.
+    dash.max_per_s, dash.clock = 0.0, lambda: 0.0
+    pushes = dash.n_pushes
+    learn.fit(2, 1e-3)  # a second fit on the same Learner
+    assert dash.n_pushes - pushes >= 2 * 4 and dash.n_failures == 0  # at least one per step
+    assert [n for n, _, _ in probe.seen[3:]] == [1, 2]  # a fresh widget for the second fit
+    assert "Training (fit 1): 2 of 2 epochs" in capsys.readouterr().out
+    assert list(next(tr for tr in dash.final_figure.data if tr.name == "loss: valid").x) == [1, 2]
+
+
+def test_a_drawing_failure_warns_once_and_training_completes(monkeypatch):
+    pytest.importorskip("anywidget")
+
+    def broken(*a, **k):
+        raise RuntimeError("boom")
+
+    learn = make_learner([], n=N, bs=BS)
+    dash = Dashboard(mode="live", max_per_s=0.0)
+    learn.add_cb(dash)
+    monkeypatch.setattr(F, "build_figure", broken)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        learn.fit(2, 1e-2)
+    ours = [w for w in caught if "Dashboard" in str(w.message)]
+    assert len(ours) == 1 and "boom" in str(ours[0].message)
+    assert len(telemetry_of(learn).records("fit", "epoch")) == 2  # training went on
+    monkeypatch.undo()
+    # the failure does not stick: the next fit draws again, in live mode
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        learn.fit(1, 1e-2)
+    assert not [w for w in caught if "Dashboard" in str(w.message)]
+    assert dash.final_figure is not None and dash.n_pushes > 0
+
+
+def test_live_updates_failing_midway_warn_once(monkeypatch):
+    pytest.importorskip("anywidget")
+
+    learn = make_learner([], n=N, bs=BS)
+    dash = Dashboard(mode="live", max_per_s=0.0)
+    learn.add_cb(dash)
+    calls = []
+
+    def broken(*a, **k):
+        calls.append(1)
+        raise ValueError("bad trace")
+
+    monkeypatch.setattr(F, "update_figure", broken)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        learn.fit(2, 1e-2)
+    assert len([w for w in caught if "Dashboard" in str(w.message)]) == 1
+    assert len(calls) > 1 and dash.n_failures == len(calls)
+    assert dash.final_figure is not None  # the final figure does not go through update_figure
+
+
+def test_live_without_anywidget_falls_back_to_static(monkeypatch, capsys):
+    import plotly.graph_objects as go
+
+    def no_anywidget(*a, **k):
+        raise ImportError("No module named 'anywidget'")
+
+    monkeypatch.setattr(go, "FigureWidget", no_anywidget)
+    learn = make_learner([], n=N, bs=BS)
+    dash = Dashboard(mode="live")
+    learn.add_cb(dash)
+    with pytest.warns(RuntimeWarning, match="anywidget"):
+        learn.fit(1, 1e-2)
+    assert dash.mode == "static" and dash.final_figure is not None
+    assert "Training (fit 0)" in capsys.readouterr().out
+
+
+def test_off_mode_environment_and_convenience(monkeypatch, capsys):
+    learn = make_learner([FitRecorder()], n=N, bs=BS)
+    assert learn.dashboard(mode="off") is learn
+    dash = learn.dashboard
+    assert isinstance(dash, Dashboard)
+    assert sum(isinstance(cb, FitRecorder) for cb in learn.cbs) == 1  # not duplicated
+    assert any(isinstance(cb, SystemMonitor) for cb in learn.cbs)
+    learn.fit(1, 1e-2)
+    assert dash.mode == "off" and dash.final_figure is None and capsys.readouterr().out == ""
+    assert learn.dashboard(mode="auto") is learn  # already there: adjusts it
+    monkeypatch.setenv(ENV_VAR, "static")
+    learn.fit(1, 1e-2)
+    assert dash.mode == "static" and f"{ENV_VAR}=static" == dash.mode_reason
+    assert "Training (fit 1)" in capsys.readouterr().out
+    monkeypatch.setenv(ENV_VAR, "nonsense")
+    with pytest.warns(RuntimeWarning, match="nonsense"):
+        learn.fit(1, 1e-2)
+    assert dash.mode == "static"
+    with pytest.raises(ValueError):
+        Dashboard(mode="sometimes")
+
+
+def test_pickles_without_widgets_and_skips_lr_find():
+    pytest.importorskip("anywidget")
+    learn = make_learner([], n=N, bs=BS)
+    dash = Dashboard(mode="live")
+    learn.add_cb(dash)
+    learn.lr_find(num_it=5, show_plot=False)
+    assert dash.n_pushes == 0 and dash._fw is None and dash.final_figure is None
+    dash._fw = object()  # as if in the middle of a live fit
+    state = dash.__getstate__()
+    assert "_fw" not in state and "_widgets" not in state and "_handle" not in state
+    clone = Dashboard.__new__(Dashboard)
+    clone.__setstate__(state)
+    assert clone._fw is None and clone.mode_arg == "live"
+
+
+def _kernel_env(tmp_path) -> dict:
+    """A `python3` kernelspec running this interpreter on this checkout, found before any other; the front-end
+    markers are blanked so that the dashboard's mode is what papermill (or CI) would get."""
+    spec_dir = tmp_path / "jupyter" / "kernels" / "python3"
+    spec_dir.mkdir(parents=True)
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
+           "JPY_SESSION_NAME": "", "VSCODE_PID": "", "COLAB_RELEASE_TAG": "", "OMP_NUM_THREADS": "1"}
+    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": "Python 3 (effilab viz tests)", "language": "python", "env": env}
+    (spec_dir / "kernel.json").write_text(json.dumps(spec))
+    paths = (str(tmp_path / "jupyter"), os.environ.get("JUPYTER_PATH", ""))
+    return {"JUPYTER_PATH": os.pathsep.join(p for p in paths if p)}
+
+
+def test_dashboard_notebook_headless(tmp_path, monkeypatch):
+    import nbformat
+    import papermill
+
+    for k, v in _kernel_env(tmp_path).items():
+        monkeypatch.setenv(k, v)
+    src = ROOT / "notebooks" / "dashboard.ipynb"
+    out = tmp_path / "dashboard.ipynb"
+    papermill.execute_notebook(str(src), str(out), parameters={"QUICK": True}, kernel_name="python3",
+                               cwd=str(tmp_path), progress_bar=False, execution_timeout=600)
+    size = out.stat().st_size
+    assert size < 500_000, f"executed notebook is {size / 1e3:.0f} KB"
+    nb = nbformat.read(out, as_version=4)
+    assert "widgets" not in nb.metadata  # no widget state saved
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    kinds = [set(o.get("data", {})) for o in outputs]
+    assert not any("application/vnd.jupyter.widget-view+json" in k for k in kinds)
+    fit_cell = next(c for c in nb.cells if c.cell_type == "code" and "fit_one_cycle" in c.source)
+    figures = [o for o in fit_cell.outputs if "application/vnd.plotly.v1+json" in o.get("data", {})]
+    assert len(figures) == 1  # the static figure, once, at the end of the fit
+    names = [tr["name"] for tr in figures[0]["data"]["application/vnd.plotly.v1+json"]["data"]]
+    assert "scores/infobatch: threshold" in names and "text/html" in figures[0]["data"]
+    text = "".join(o.get("text", "") for o in fit_cell.outputs if o.get("output_type") == "stream")
+    assert "Data decisions (infobatch)" in text
+    assert (tmp_path / "dashboard_report.html").stat().st_size > 1_000_000  # plotly.js embedded

@@ -1,0 +1,241 @@
+"""Telemetry in, traces out: the dashboard's figures from synthetic (and a few real) records."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from effilab.core.infobatch import plan_epoch
+from effilab.core.telemetry import Telemetry
+from effilab.viz import figures as F
+
+from . import synthetic_telemetry
+
+
+def _traces(fig, prefix: str = "") -> dict:
+    return {tr.name: tr for tr in fig.data if tr.name.startswith(prefix)}
+
+
+def _titles(fig) -> list[str]:
+    return [a.text for a in fig.layout.annotations]
+
+
+def test_every_panel_with_full_telemetry():
+    t = synthetic_telemetry()
+    assert F.panels(t) == list(F.PANELS)
+    fig = F.build_figure(t)
+    names = [tr.name for tr in fig.data]
+    assert names == [
+        "loss: train (steps)", "loss: train", "loss: valid", "metrics: accuracy",
+        "scores/infobatch: kept", "scores/infobatch: rescaled", "scores/infobatch: pruned",
+        "scores/infobatch: threshold", "kept: infobatch",
+        "schedule/lr: planned", "schedule/lr: actual", "schedule/mom: planned", "schedule/mom: actual",
+        "memory: rss", "speed: samples/s", "wait: data wait", "samples: forwarded", "samples: full data"]
+    # one subplot title per cell, in the same order as the cells
+    assert len(_titles(fig)) == len(F.cells(t))
+    assert fig.layout.height > 1000
+
+
+def test_panels_appear_only_with_data():
+    assert F.panels(Telemetry()) == []
+    empty = F.build_figure(Telemetry())
+    assert len(empty.data) == 0 and "no telemetry" in empty.layout.title.text
+    assert F.panels(synthetic_telemetry(data=False)) == ["training", "schedules", "memory", "throughput"]
+    only_fit = synthetic_telemetry(data=False, system=False, schedule=False)
+    assert F.panels(only_fit) == ["training"]
+    assert F.panels(synthetic_telemetry(fit=False, system=False, schedule=False)) == ["data", "throughput"]
+    no_metrics = synthetic_telemetry(metrics=())
+    assert "metrics" not in [c.key for c in F.cells(no_metrics)]
+
+
+def test_epoch_curves_follow_the_records():
+    t = synthetic_telemetry(n_epoch=4)
+    tr = _traces(F.build_figure(t))
+    assert list(tr["loss: valid"].x) == [1, 2, 3, 4]
+    assert list(tr["loss: valid"].y) == pytest.approx([1.1 / (e + 1) for e in range(4)], rel=1e-4)  # 5 digits
+    assert list(tr["metrics: accuracy"].y) == pytest.approx([0.5, 0.6, 0.7, 0.8])
+    steps = tr["loss: train (steps)"]
+    assert 0 < min(steps.x) and max(steps.x) == pytest.approx(4.0)  # fractional epochs up to the fit's end
+    assert list(tr["kept: infobatch"].y) == pytest.approx([1.0, 0.7, 0.7, 1.0])
+
+
+@pytest.mark.parametrize("epoch", [1, 2, None])
+def test_threshold_line_and_histogram_sums(epoch):
+    t = synthetic_telemetry(n_epoch=5)
+    rec = [r for r in t.records("infobatch", "epoch") if epoch is None or r["epoch"] == epoch][-1]
+    tr = _traces(F.build_figure(t, epoch=epoch), "scores/infobatch")
+    assert list(tr["scores/infobatch: threshold"].x) == [rec["threshold"]] * 2
+    kept, resc, pruned = (sum(tr[f"scores/infobatch: {k}"].y) for k in ("kept", "rescaled", "pruned"))
+    assert kept + resc == rec["kept"] and resc == rec["rescaled"] and pruned == rec["pruned"]
+    assert max(tr["scores/infobatch: threshold"].y) >= max(a + b + c for a, b, c in zip(
+        tr["scores/infobatch: kept"].y, tr["scores/infobatch: rescaled"].y, tr["scores/infobatch: pruned"].y))
+    # rescaled samples sit left of the threshold
+    centers = tr["scores/infobatch: rescaled"].x
+    assert all(c < rec["threshold"] + 1e-9 + tr["scores/infobatch: rescaled"].width[0] / 2
+               for c, y in zip(centers, tr["scores/infobatch: rescaled"].y) if y)
+    title = next(s for s in _titles(F.build_figure(t, epoch=epoch)) if "infobatch" in s)
+    assert f"epoch {rec['epoch']}" in title
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_histogram_sums_on_a_real_plan(seed):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(3000, generator=g) ** 3 * 5  # long-tailed, like losses
+    plan = plan_epoch(scores, ratio=0.5, epoch=3, seed=seed)
+    rec = plan.summary()
+    t = Telemetry()
+    t.record("infobatch", "epoch", fit=0, n_samples=3000, full_epoch=3000, **rec)
+    tr = _traces(F.build_figure(t), "scores/infobatch")
+    assert rec["rescaled"] > 0 and rec["pruned"] > 0
+    assert sum(tr["scores/infobatch: kept"].y) + sum(tr["scores/infobatch: rescaled"].y) == rec["kept"]
+    assert sum(tr["scores/infobatch: rescaled"].y) == rec["rescaled"]
+    assert sum(tr["scores/infobatch: pruned"].y) == rec["pruned"]
+    assert tr["scores/infobatch: threshold"].x[0] == pytest.approx(float(scores.mean()))
+
+
+def test_any_source_with_a_histogram_is_a_data_decision_source():
+    t = synthetic_telemetry(system=False)
+    for r in t.records("infobatch", "epoch"):
+        t.record("my_pruner", "epoch", **r)
+    # a technique without scores (the Random* baseline): a kept-fraction line, no histogram
+    t.record("random_prune", "epoch", fit=0, epoch=0, threshold=0.0, kept=70, pruned=30, rescaled=0,
+             hist_kept=[0] * 4, hist_pruned=[0] * 4, hist_edges=[0.0] * 5)
+    assert F.data_sources(t) == ["infobatch", "my_pruner", "random_prune"]
+    keys = [c.key for c in F.cells(t)]
+    assert "scores/my_pruner" in keys and "scores/random_prune" not in keys
+    tr = _traces(F.build_figure(t), "kept:")
+    assert set(tr) == {"kept: infobatch", "kept: my_pruner", "kept: random_prune"}
+    assert list(tr["kept: random_prune"].y) == [pytest.approx(0.7)]
+
+
+def test_planned_schedule_spans_the_fit_and_actual_stops_at_progress():
+    t = synthetic_telemetry(n_epoch=5, epochs_done=2)
+    tr = _traces(F.build_figure(t), "schedule/")
+    planned, actual = tr["schedule/lr: planned"], tr["schedule/lr: actual"]
+    assert planned.line.dash == "dash" and actual.line.dash is None
+    assert min(planned.x) == 0 and max(planned.x) == pytest.approx(5.0)
+    assert max(actual.x) == pytest.approx(2.0)
+    assert set(tr) == {f"schedule/{k}: {s}" for k in ("lr", "mom") for s in ("planned", "actual")}
+    lr_cell = next(c for c in F.cells(t) if c.key == "schedule/lr")
+    assert lr_cell.yaxis.get("type") == "log"  # lr spans decades
+
+
+def test_per_group_schedule_keys_share_a_cell():
+    t = Telemetry()
+    pcts = [0.0, 0.5, 1.0]
+    t.set_meta("schedule", planned={"lr/g0": {"pct": pcts, "value": [1e-3, 1e-2, 1e-4]},
+                                    "lr/g1": {"pct": pcts, "value": [1e-4, 1e-3, 1e-5]}})
+    t.record("schedule", "step", iter=0, pct=0.1, **{"lr/g0": 2e-3, "lr/g1": 2e-4})
+    (cell,) = F.cells(t)
+    assert cell.key == "schedule/lr"
+    assert cell.trace_names == ("schedule/lr: planned (g0)", "schedule/lr: actual (g0)",
+                                "schedule/lr: planned (g1)", "schedule/lr: actual (g1)")
+
+
+def test_memory_without_and_with_a_gpu():
+    cpu = F.build_figure(synthetic_telemetry(gpu=False))
+    assert "no GPU" in next(s for s in _titles(cpu) if s.startswith("Memory"))
+    assert set(_traces(cpu, "memory")) == {"memory: rss"} and not _traces(cpu, "gpu")
+    assert "no GPU" in F.summary_text(synthetic_telemetry(gpu=False))
+    gpu_t = synthetic_telemetry(gpu=True)
+    gpu = F.build_figure(gpu_t)
+    assert set(_traces(gpu, "memory")) == {f"memory: cuda {k}" for k in ("allocated", "reserved", "peak")}
+    assert list(_traces(gpu, "gpu")["gpu: utilisation"].y)[0] == 90.0
+    assert "Fake GPU" in F.summary_text(gpu_t) and "no GPU" not in F.summary_text(gpu_t)
+
+
+def test_savings_and_time_left():
+    t = synthetic_telemetry(n_epoch=4, epochs_done=2, n_samples=1000)
+    tr = _traces(F.build_figure(t), "samples:")
+    assert list(tr["samples: forwarded"].y) == [1000, 1700]
+    assert list(tr["samples: full data"].y) == [1000, 2000]
+    st = F.status(t)
+    assert st["pct"] == pytest.approx(0.5) and not st["done"]
+    assert st["eta_s"] == pytest.approx(st["elapsed_s"])  # half-way: as long again
+    assert "left" in F.status_line(t)
+    done = F.status(synthetic_telemetry(n_epoch=4))
+    assert done["done"] and done["eta_s"] == 0 and done["pct"] == 1.0
+
+
+def test_a_second_fit_shows_only_itself():
+    t = synthetic_telemetry(n_epoch=5)
+    synthetic_telemetry(n_epoch=2, fit_index=1, telemetry=t)
+    tr = _traces(F.build_figure(t))
+    assert list(tr["loss: valid"].x) == [1, 2]
+    assert max(tr["loss: train (steps)"].x) == pytest.approx(2.0)
+    assert list(tr["samples: full data"].y) == [1000, 2000]  # counts restart with the fit
+    assert list(tr["kept: infobatch"].x) == [0, 1]
+    assert len(tr["memory: rss"].x) < len(t.records("system", "step"))
+    assert "fit 1" in F.summary_text(t) and "2 of 2 epochs" in F.summary_text(t)
+
+
+def test_slider_scrubs_the_histogram_through_the_epochs():
+    t = synthetic_telemetry(n_epoch=4)
+    fig = F.build_figure(t)
+    (slider,) = fig.layout.sliders
+    assert [s.label for s in slider.steps] == ["0", "1", "2", "3"] and slider.active == 3
+    names = [tr.name for tr in fig.data]
+    for step, rec in zip(slider.steps, t.records("infobatch", "epoch")):
+        data, layout, idx = step.args
+        assert step.method == "update"
+        thr = idx.index(names.index("scores/infobatch: threshold"))
+        assert data["x"][thr] == [rec["threshold"]] * 2
+        pruned = idx.index(names.index("scores/infobatch: pruned"))
+        assert sum(data["y"][pruned]) == rec["pruned"]
+        assert any(f"epoch {rec['epoch']}" in v for v in layout.values())
+    assert not F.build_figure(t, scrub=False).layout.sliders
+    assert not F.build_figure(synthetic_telemetry(n_epoch=1)).layout.sliders  # one epoch: nothing to scrub
+
+
+def test_update_figure_copies_data_and_reports_layout_changes():
+    t = synthetic_telemetry(n_epoch=5, epochs_done=2)
+    fig = F.build_figure(t, scrub=False)
+    synthetic_telemetry(n_epoch=5, epochs_done=4, telemetry=Telemetry())  # unrelated store: no effect
+    later = synthetic_telemetry(n_epoch=5, epochs_done=4)
+    assert F.layout_key(F.cells(t)) == F.layout_key(F.cells(later))
+    assert F.update_figure(fig, later)
+    assert list(_traces(fig)["loss: valid"].x) == [1, 2, 3, 4]
+    assert "epoch 3" in _titles(fig)[0]
+    grown = synthetic_telemetry(n_epoch=5, epochs_done=4, gpu=True)
+    assert F.layout_key(F.cells(grown)) != F.layout_key(F.cells(later))
+    assert not F.update_figure(fig, grown)
+
+
+def test_long_series_are_thinned_for_drawing():
+    t = Telemetry()
+    t.set_meta("fit", n_epoch=1, n_iter=10_000, metric_names=[])
+    for i in range(10_000):
+        t.record("fit", "step", iter=i, epoch=0, pct=(i + 1) / 10_000, train_loss=1.0)
+    steps = _traces(F.build_figure(t))["loss: train (steps)"]
+    assert len(steps.x) <= F.MAX_POINTS + 1 and steps.x[-1] == pytest.approx(1.0)
+
+
+def test_summary_text_lines():
+    text = F.summary_text(synthetic_telemetry(n_epoch=3))
+    lines = text.splitlines()
+    assert lines[0].startswith("Training (fit 0): 3 of 3 epochs")
+    assert any(line.startswith("Data decisions (infobatch)") for line in lines)
+    assert any("saved" in line for line in lines if line.startswith("Samples forwarded"))
+    assert any(line.startswith("Schedules") and "lr" in line for line in lines)
+    assert any(line.startswith("Throughput") for line in lines)
+    assert any(line.startswith("Memory") for line in lines)
+    assert F.summary_text(Telemetry()) == "No telemetry recorded yet."
+
+
+def test_report_html_is_self_contained(tmp_path):
+    t = synthetic_telemetry()
+    path = tmp_path / "report.html"
+    F.report_html(t, path)
+    html = path.read_text()
+    assert "plotly.js v" in html and len(html) > 1_000_000  # the library itself...
+    assert 'src="https://' not in html  # ...not a link to a CDN
+    for title in ("Training: loss", "Data decisions (infobatch)", "Schedule: lr", "Memory", "Throughput"):
+        assert title in html
+    assert "Samples forwarded:" in html  # the summary
+
+
+def test_figure_bundle_for_notebooks():
+    b = F.figure_bundle(F.build_figure(synthetic_telemetry(n_epoch=2)))
+    assert set(b) == {"application/vnd.plotly.v1+json", "text/html", "text/plain"}
+    assert b["application/vnd.plotly.v1+json"]["data"][0]["name"] == "loss: train (steps)"
+    assert len(b["text/html"]) < 500_000 and 'src="https://cdn.plot.ly' in b["text/html"]  # not inline
