@@ -167,12 +167,35 @@ def bigindex(rank: int, world: int) -> dict:
     }
 
 
-SCENARIOS = {"plain": plain, "fastai": fastai, "bigindex": bigindex}
+def techniques(rank: int, world: int) -> dict:
+    """Every stateful registered technique, one after the other, in a two-epoch fit under distrib_ctx."""
+    from effilab.registry import all_techniques
+    from effilab.system import distrib_ctx
+    from tests.conftest import make_learner
+
+    out = {}
+    for name, tech in sorted(all_techniques().items()):
+        if not tech.stateful:
+            continue
+        cb = tech.make()
+        learn = make_learner([cb], n=384)
+        with distrib_ctx(learn, cpu=True):
+            learn.fit(3, 1e-2)
+        tele = learn.telemetry
+        out[name] = {
+            "telemetry": {s: tele.records(s, "epoch") for s in tele.sources},
+            "state": cb.state_dict(),
+            "params": {k: v.detach().clone() for k, v in learn.model.state_dict().items()},
+        }
+    return out
+
+
+SCENARIOS = {"plain": plain, "fastai": fastai, "bigindex": bigindex, "techniques": techniques}
 
 
 def main() -> None:
     scenario, out_dir = sys.argv[1], Path(sys.argv[2])
-    if not dist.is_initialized() and scenario != "fastai":  # the fastai run lets accelerate set it up
+    if not dist.is_initialized() and scenario not in ("fastai", "techniques"):  # accelerate sets those up
         dist.init_process_group("gloo")
     result = SCENARIOS[scenario](int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
     result["backend"] = dist.get_backend()

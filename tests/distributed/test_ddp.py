@@ -220,3 +220,36 @@ def test_distrib_ctx_is_a_no_op_in_one_process(monkeypatch, world_size):
     with distrib_ctx(learn, cpu=True) as ctx:
         assert ctx is learn and list(learn.cbs) == cbs
     assert learn.model is model and list(learn.cbs) == cbs
+
+
+# --------------------------------------------------------------------------------------- every technique
+
+
+@pytest.fixture(scope="module")
+def technique_runs(tmp_path_factory):
+    return _launch("techniques", tmp_path_factory.mktemp("ddp_techniques"))
+
+
+def test_every_stateful_technique_agrees_across_ranks(technique_runs):
+    from effilab.registry import all_techniques
+
+    stateful = sorted(n for n, t in all_techniques().items() if t.stateful)
+    r0, r1 = technique_runs
+    assert sorted(set(r0) - {"backend"}) == stateful and "infobatch" in stateful
+    for name in stateful:
+        assert r0[name]["telemetry"] == r1[name]["telemetry"], name
+        assert any(recs for recs in r0[name]["telemetry"].values()), f"{name} wrote no epoch telemetry"
+        for key, value in r0[name]["params"].items():
+            assert torch.equal(value, r1[name]["params"][key]), f"{name}: {key} differs between ranks"
+        _assert_same_state(r0[name]["state"], r1[name]["state"], name)
+
+
+def _assert_same_state(a, b, where):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_same_state(a[k], b[k], f"{where}.{k}")
+    elif torch.is_tensor(a):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
