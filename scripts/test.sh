@@ -14,4 +14,7 @@ if [ ${#lint_dirs[@]} -gt 0 ]; then
     ruff check -q "${lint_dirs[@]}"
 fi
 
+# One thread per process: the suite's models are tiny, and on a 2-core machine a second thread only
+# fights the loader workers, DDP ranks and notebook kernels the suite starts.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 exec python -m pytest -q "$@"
