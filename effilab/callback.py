@@ -60,6 +60,9 @@ def per_sample_losses(loss_func, pred, *yb, n: int) -> torch.Tensor:
         raise ValueError(
             f"loss {loss_func!r} returned shape {tuple(losses.shape)} with reduction='none' for a batch of {n}: "
             "it must return one value per sample (or per element of each sample)")
+    # fastai's losses come back as `TensorBase`, whose Python-level `__torch_function__` makes every
+    # later op several times slower; the per-step path works on plain tensors (gradients still flow).
+    losses = losses.as_subclass(torch.Tensor)
     return losses.reshape(n, -1).mean(1) if losses.numel() != n else losses.reshape(n)
 
 
