@@ -4,7 +4,7 @@
 `import effilab.core` stays light.
 """
 
-from importlib import import_module
+from ._lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -31,14 +31,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        module = import_module(_LAZY[name])
-        value = module if name == "datasets" else getattr(module, name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'effilab' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, globals(), _LAZY)

@@ -3,7 +3,7 @@
 Submodules load on first use: `effilab.system.distributed` imports fastai and accelerate.
 """
 
-from importlib import import_module
+from .._lazy import lazy_attributes
 
 # public name -> module that defines it
 _LAZY = {
@@ -17,13 +17,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        value = getattr(import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'effilab.system' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, globals(), _LAZY)

@@ -4,8 +4,7 @@ figure and HTML report, and the tutorials' single figures.
 `Dashboard` loads on first use (it is a fastai callback); the figure functions need plotly only.
 """
 
-from importlib import import_module
-
+from .._lazy import lazy_attributes
 from ..registry import register
 from .figures import build_figure, panels, report_html, summary_text
 from .mode import choose_mode
@@ -18,16 +17,7 @@ __all__ = ["Dashboard", "Throttle", "build_figure", "choose_mode", "kept_per_epo
            "score_histogram", "summary_text"]
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        value = getattr(import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'effilab.viz' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, globals(), _LAZY)
 
 
 def _dashboard_for_tests():
