@@ -1,0 +1,187 @@
+"""Shared pieces of the benchmarks: timing, a per-step timing callback, machine facts, tables, JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+OUT_DIR = Path(__file__).resolve().parent / "out"
+
+
+def add_common_args(parser) -> None:
+    parser.add_argument("--quick", action="store_true", help="smoke run (under a minute on an idle machine)")
+    # One thread by default: on a shared 2-core machine, a second OpenMP thread that gets descheduled
+    # stalls every op at its barrier (medians 100x slower were seen under load); one thread is steady.
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+
+
+def apply_threads(args) -> None:
+    torch.set_num_threads(args.threads)
+
+
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    xs = [float(x) for x in xs]
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def time_calls(fn: Callable[[], object], repeats: int, warmup: int = 1,
+               clock: Callable[[], float] = time.perf_counter) -> list[float]:
+    """Seconds per call of `fn`, `repeats` times after `warmup` untimed calls. `clock=time.process_time`
+    gives this process's CPU time, which other processes on the same cores barely move."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = clock()
+        fn()
+        times.append(clock() - t0)
+    return times
+
+
+def machine() -> dict:
+    """What the numbers were measured on; the load average says how busy the shared machine was."""
+    import fastai
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+        "torch": torch.__version__,
+        "fastai": fastai.__version__,
+        "python": platform.python_version(),
+        "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def machine_line(m: dict) -> str:
+    dev = "CUDA" if m["cuda"] else "no GPU"
+    return (f"{m['cpu']}, {m['cpu_count']} cores ({m['torch_threads']} torch threads), {dev}; "
+            f"torch {m['torch']}, fastai {m['fastai']}, Python {m['python']}")
+
+
+def write_json(name: str, payload: dict) -> Path:
+    """Write `payload` (plus the command line and the machine) to benchmarks/out/<name>.json."""
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    path = OUT_DIR / f"{name}.json"
+    full = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(),
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S")} | payload
+    path.write_text(json.dumps(full, indent=1))
+    return path
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A markdown table; floats are printed as given (format them before)."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def step_timer():
+    """Two fastai callbacks sharing one record: the first runs before every other `before_batch`, the
+    second after every other `after_batch`, so a step's time covers the forward, the loss (and whatever
+    a technique does in it), the backward, the optimizer and all callbacks' batch events.
+
+    Returns `(callbacks, record)`. `record` holds lists: per step, `step` (seconds) and `step_cpu`
+    (this process's CPU seconds); `iter`, the seconds between consecutive step starts (a step plus
+    fetching the next batch); per epoch, `train` and `train_cpu` (the training phase, planning and
+    loader included), `start` (from the phase's start to its first step: per-epoch setup such as a
+    technique's planning and the first batch), and the `batches` and `samples` forwarded.
+    CPU time barely moves when other processes share the cores (wall time does), and with one torch
+    thread it is what an idle machine's wall time would be.
+    """
+    from fastai.callback.core import Callback
+    from fastai.torch_core import find_bs
+
+    keys = ("step", "step_cpu", "iter", "train", "train_cpu", "batches", "samples", "start")
+    record = {k: [] for k in keys}
+    state = {"t0": None, "c0": None, "prev": None, "train0": None, "ctrain0": None, "n": 0, "samples": 0}
+
+    class _StepStart(Callback):
+        order = -1000
+
+        def before_train(self):
+            state["prev"], state["n"], state["samples"] = None, 0, 0
+            state["train0"], state["ctrain0"] = time.perf_counter(), time.process_time()
+
+        def before_batch(self):
+            if not self.training:
+                return
+            now = time.perf_counter()
+            if state["prev"] is not None:
+                record["iter"].append(now - state["prev"])
+            else:
+                record["start"].append(now - state["train0"])
+            state["t0"] = state["prev"] = now
+            state["c0"] = time.process_time()
+
+    class _StepEnd(Callback):
+        order = 1000
+
+        def after_batch(self):
+            if self.training and state["t0"] is not None:
+                record["step"].append(time.perf_counter() - state["t0"])
+                record["step_cpu"].append(time.process_time() - state["c0"])
+                state["t0"] = None
+                state["n"] += 1
+                state["samples"] += find_bs(self.learn.yb)
+
+        def after_train(self):
+            record["train"].append(time.perf_counter() - state["train0"])
+            record["train_cpu"].append(time.process_time() - state["ctrain0"])
+            record["batches"].append(state["n"])
+            record["samples"].append(state["samples"])
+
+    return [_StepStart(), _StepEnd()], record
+
+
+def skip_validation(keep_last: bool = False):
+    """A callback that skips the validation phase (of every epoch but the last with `keep_last`):
+    what is timed is training, and the final accuracy is still measured."""
+    from fastai.callback.core import Callback, CancelValidException
+
+    class _SkipValidation(Callback):
+        def before_validate(self):
+            if not (keep_last and self.learn.epoch == self.learn.n_epoch - 1):
+                raise CancelValidException()
+
+    return _SkipValidation()
+
+
+def pct(x: float, digits: int = 1) -> str:
+    return f"{100 * x:+.{digits}f}%"
+
+
+def make_learner(task, bs: int, seed: int, cbs=(), metrics=(), width: int | None = None):
+    """A fastai Learner on `task` with effilab's `small_model`, seeded: same seed, same init and batches."""
+    import fastai.callback.progress  # noqa: F401  (adds `learn.no_bar()`)
+    import fastai.callback.schedule  # noqa: F401  (adds `learn.fit_one_cycle()`)
+    from fastai.learner import Learner
+    from fastai.losses import CrossEntropyLossFlat
+    from fastai.torch_core import set_seed
+
+    from effilab.datasets import small_model
+
+    set_seed(seed)
+    dls = task.dataloaders(bs=bs, seed=seed)
+    return Learner(dls, small_model(task, width), loss_func=CrossEntropyLossFlat(), metrics=list(metrics),
+                   cbs=list(cbs))

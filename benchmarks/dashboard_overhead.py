@@ -1,0 +1,356 @@
+"""What the live dashboard costs the training loop, and how far the browser's drawing lags behind it.
+
+Part 1, in this process (no browser): the same fit (MNIST-1D 20k, the 256-wide MLP, InfoBatch(0.5),
+`fit_one_cycle(6)`, batch 128, one thread) with no dashboard, with only the telemetry writers a
+Dashboard adds (`FitRecorder`, `SystemMonitor`), with `Dashboard(mode="static")`, with
+`Dashboard(mode="live")` at the default throttle (2 updates/s plus epoch ends) and unthrottled. In live
+mode the FigureWidget is created and updated as in a notebook; there is no front end, so the widget's
+comm is replaced by one that JSON-encodes every message as a kernel would (jupyter_client's packer) and
+counts the bytes, but sends nothing. Fits are interleaved (A B C D E, then rotated), timed whole (wall
+and process CPU), and each callback's own time is measured around its events. Overhead = median fit
+time / median fit time with no dashboard - 1.
+
+Part 2, in a real browser: JupyterLab runs `tests/browser/dashboard_live.ipynb` in headless Chromium
+(the test suite's launcher, `tests/browser/lab.py`). The kernel logs when each schedule record reached
+the telemetry and when each update was sent; the page samples, every 50 ms, how many points of
+`schedule/lr: actual` it has drawn. Lag = records the kernel had and the page had not drawn, and for
+how long the oldest of them had been waiting.
+
+    python -m benchmarks.dashboard_overhead [--quick] [--repeats N] [--no-browser]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `tests.browser.lab` is imported from the checkout
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import (  # noqa: E402
+    add_common_args,
+    apply_threads,
+    machine,
+    machine_line,
+    make_learner,
+    median,
+    pct,
+    table,
+    write_json,
+)
+
+BS, LR = 128, 3e-3
+ARMS = ("none", "writers", "static", "live", "live_unthrottled")
+ARM_TITLES = {"none": "no dashboard", "writers": "telemetry writers only (FitRecorder, SystemMonitor)",
+              "static": "Dashboard(mode='static')", "live": "Dashboard(mode='live'), 2 updates/s",
+              "live_unthrottled": "Dashboard(mode='live', max_per_s=0)"}
+
+
+# ---- part 1: in-process overhead
+
+
+def _timed(cls):
+    """`cls` with the time spent in its events added up in `busy_s`, and per event in `busy`."""
+
+    class Timed(cls):
+        busy_s = 0.0
+
+        def __call__(self, event_name=None, *args, **kwargs):
+            if event_name is None:
+                return super().__call__(event_name, *args, **kwargs)
+            t0 = time.perf_counter()
+            try:
+                return super().__call__(event_name)
+            finally:
+                dt = time.perf_counter() - t0
+                self.busy_s += dt
+                if "busy" not in self.__dict__:
+                    self.__dict__["busy"] = {}
+                self.__dict__["busy"][event_name] = self.__dict__["busy"].get(event_name, 0.0) + dt
+
+    Timed.__name__ = Timed.__qualname__ = cls.__name__
+    return Timed
+
+
+class _Wire:
+    """Stands for the kernel's comm: encodes each message as the kernel's session would, sends nothing."""
+
+    bytes = messages = 0
+    seconds = 0.0
+
+
+def _install_encoding_comm():
+    import comm
+    from comm.base_comm import BaseComm
+    from jupyter_client.session import json_packer
+
+    class EncodingComm(BaseComm):
+        def publish_msg(self, msg_type, data=None, metadata=None, buffers=None, **keys):
+            t0 = time.perf_counter()
+            n = len(json_packer({"data": data or {}, "comm_id": self.comm_id}))
+            n += len(json_packer(metadata or {})) + sum(len(memoryview(b).cast("B")) for b in buffers or ())
+            _Wire.seconds += time.perf_counter() - t0
+            _Wire.bytes += n
+            _Wire.messages += 1
+
+    comm.create_comm = lambda *a, **k: EncodingComm(*a, **k)
+
+
+def _learner(task, arm: str):
+    from fastai.callback.progress import ProgressCallback
+    from fastai.metrics import accuracy
+
+    from effilab.data.infobatch import InfoBatch
+    from effilab.system.fit_recorder import FitRecorder
+    from effilab.system.monitor import SystemMonitor
+    from effilab.viz.dashboard import Dashboard
+
+    cbs = [InfoBatch(0.5, seed=0)]
+    writers = dash = None
+    if arm != "none":
+        writers = [_timed(FitRecorder)(), _timed(SystemMonitor)()]
+        cbs += writers
+    if arm in ("static", "live", "live_unthrottled"):
+        mode = "static" if arm == "static" else "live"
+        dash = _timed(Dashboard)(mode=mode, max_per_s=0.0 if arm == "live_unthrottled" else 2.0)
+        cbs.append(dash)
+    learn = make_learner(task, BS, seed=0, cbs=cbs, metrics=[accuracy])
+    learn.remove_cb(ProgressCallback)
+    learn.logger = lambda *a, **k: None
+    return learn, writers, dash
+
+
+def _one_fit(task, arm: str, epochs: int) -> dict:
+    learn, writers, dash = _learner(task, arm)
+    wire0 = (_Wire.bytes, _Wire.messages, _Wire.seconds)
+    w0, c0 = time.perf_counter(), time.process_time()
+    with contextlib.redirect_stdout(io.StringIO()):  # the static summary
+        learn.fit_one_cycle(epochs, LR)
+    out = {"wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0,
+           "writers_s": sum(w.busy_s for w in writers) if writers else 0.0}
+    if dash is not None:
+        busy = dash.__dict__.get("busy", {})
+        # Opening the widget happens in before_train, updates in before_batch and after_epoch, the final
+        # figure (and the last update) in after_fit.
+        out |= {"dashboard_s": dash.busy_s, "dashboard_open_s": busy.get("before_train", 0.0),
+                "dashboard_updates_s": busy.get("before_batch", 0.0) + busy.get("after_epoch", 0.0),
+                "dashboard_finish_s": busy.get("after_fit", 0.0), "dashboard_busy": busy,
+                "pushes": dash.n_pushes, "failures": dash.n_failures,
+                "wire_bytes": _Wire.bytes - wire0[0], "wire_messages": _Wire.messages - wire0[1],
+                "wire_encode_s": _Wire.seconds - wire0[2]}
+    return out
+
+
+def overhead(quick: bool, repeats: int) -> dict:
+    from effilab.datasets import mnist1d
+
+    _install_encoding_comm()
+    n_samples, epochs = (4_000, 2) if quick else (20_000, 6)
+    task = mnist1d(n_samples=n_samples, seed=0)
+    for arm in ("none", "live"):  # warm-up: imports, plotly's validators, the first FigureWidget
+        _one_fit(task, arm, 1)
+    runs = {arm: [] for arm in ARMS}
+    for r in range(repeats):
+        order = ARMS[r % len(ARMS):] + ARMS[:r % len(ARMS)]
+        for arm in order:
+            runs[arm].append(_one_fit(task, arm, epochs))
+            print(f"  repeat {r + 1}/{repeats} {arm:17s} {runs[arm][-1]['wall_s']:.2f} s", flush=True)
+    return {"n_samples": n_samples, "epochs": epochs, "repeats": repeats, "runs": runs}
+
+
+def overhead_rows(res: dict) -> list[list]:
+    runs = res["runs"]
+    base_wall = median([r["wall_s"] for r in runs["none"]])
+    base_cpu = median([r["cpu_s"] for r in runs["none"]])
+    rows = []
+    for arm in ARMS:
+        rs = runs[arm]
+        wall, cpu = median([r["wall_s"] for r in rs]), median([r["cpu_s"] for r in rs])
+        own = median([r.get("dashboard_s", 0.0) + r["writers_s"] for r in rs])
+        parts = [median([r.get(f"dashboard_{k}_s", 0.0) for r in rs]) for k in ("open", "updates", "finish")]
+        pushes = median([r.get("pushes", 0) for r in rs])
+        per_update = median([1e3 * r["dashboard_updates_s"] / r["pushes"] for r in rs if r.get("pushes")] or [0])
+        kb = median([r.get("wire_bytes", 0) for r in rs]) / 1e3
+        live = arm in ("live", "live_unthrottled")
+        rows.append([ARM_TITLES[arm], f"{wall:.2f}", pct(wall / base_wall - 1) if arm != "none" else "",
+                     f"{cpu:.2f}", pct(cpu / base_cpu - 1) if arm != "none" else "",
+                     f"{own:.3f} ({own / wall:.1%})",
+                     " / ".join(f"{x:.3f}" for x in parts) if arm in ("static", *ARMS[3:]) else "",
+                     f"{pushes:.0f}" if live else "", f"{per_update:.1f}" if live else "",
+                     f"{kb:,.0f}" if kb else ""])
+    return rows
+
+
+OVERHEAD_HEADERS = ["arm", "fit wall (s, median)", "vs none", "fit CPU (s)", "vs none",
+                    "in dashboard + writers (s, share of fit)", "dashboard: open / updates / end (s)",
+                    "updates", "ms / update", "sent (KB, JSON)"]
+
+
+# ---- part 2: browser lag
+
+JS_SAMPLER = """(selector) => {
+  window.__effilabLag = [];
+  window.__effilabTimer = setInterval(() => {
+    const gd = document.querySelector(selector);
+    let n = null;
+    if (gd && gd.data) {
+      const tr = gd.data.find(t => t.name === 'schedule/lr: actual');
+      n = tr ? (tr.y || []).length : 0;
+    }
+    window.__effilabLag.push([Date.now() / 1000, n]);
+  }, 50);
+}"""
+
+
+def _lag_stats(kernel: dict, samples: list) -> dict:
+    recs = kernel["records"]  # (time, records so far), one per change
+    fit_end = kernel["fit_start"] + kernel["fit_s"]
+    seen = [(t, n) for t, n in samples if n is not None]
+    if not seen:
+        return {"error": "the page never drew the live dashboard"}
+    first_seen = seen[0][0]
+    pts, stale = [], []
+    j = 0
+    for t, n in seen:
+        if t > fit_end:
+            break
+        while j + 1 < len(recs) and recs[j + 1][0] <= t:
+            j += 1
+        have = recs[j][1] if recs and recs[0][0] <= t else 0
+        pts.append(have - n)
+        # time since the oldest record not yet drawn reached the telemetry
+        first_undrawn = next((rt for rt, rn in recs if rn > n), None)
+        stale.append(max(0.0, t - first_undrawn) if have > n and first_undrawn is not None else 0.0)
+    # update sent -> drawn: for updates that brought new schedule points
+    latency, prev = [], None
+    for tp, _, drawn in kernel["pushes"]:
+        if tp < first_seen or drawn == prev:
+            prev = drawn
+            continue
+        prev = drawn
+        hit = next((t for t, n in seen if t >= tp and n >= drawn), None)
+        if hit is not None:
+            latency.append(hit - tp)
+
+    def q(xs, p):
+        if not xs:
+            return None
+        xs = sorted(xs)
+        return xs[min(len(xs) - 1, int(round(p * (len(xs) - 1))))]
+
+    half = len(stale) // 2
+    return {"fit_s": kernel["fit_s"], "updates": kernel["n_pushes"],
+            "updates_per_s": kernel["n_pushes"] / kernel["fit_s"],
+            "first_drawn_after_fit_start_s": first_seen - kernel["fit_start"],
+            "first_update_after_fit_start_s": (kernel["pushes"][0][0] - kernel["fit_start"]
+                                               if kernel["pushes"] else None),
+            "samples": len(pts), "lag_points_median": q(pts, 0.5), "lag_points_p95": q(pts, 0.95),
+            "lag_points_max": max(pts) if pts else None, "stale_s_median": q(stale, 0.5),
+            "stale_s_p95": q(stale, 0.95), "stale_s_max": max(stale) if stale else None,
+            "stale_s_p95_first_half": q(stale[:half], 0.95), "stale_s_p95_second_half": q(stale[half:], 0.95),
+            "update_to_drawn_s_median": q(latency, 0.5), "update_to_drawn_s_p95": q(latency, 0.95),
+            "update_to_drawn_n": len(latency)}
+
+
+def browser_lag(quick: bool, throttles: list[float]) -> dict:
+    from tests.browser import lab as L
+
+    if reason := L.missing_browser():
+        return {"skipped": reason}
+    nb = ROOT / "tests" / "browser" / "dashboard_live.ipynb"
+    out = {}
+    for max_per_s in throttles:
+        env = {"EFFILAB_LIVE_EPOCHS": "12" if quick else "30", "EFFILAB_LIVE_MAX_PER_S": str(max_per_s)}
+        with tempfile.TemporaryDirectory(prefix="effilab-lag-") as tmp:
+            with L.Lab(Path(tmp), [nb], env=env) as lab, L.browser_page() as page:
+                L.open_notebook(page, lab, nb.name)
+                page.evaluate(JS_SAMPLER, L.LIVE_PLOT)
+                L.run_all(page)
+                log_path = lab.root / "kernel_log.json"
+                deadline = time.monotonic() + 300
+                while not log_path.exists() or L.kernel_busy(page):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"the notebook did not finish: {L.cell_errors(page)}")
+                    time.sleep(0.5)
+                samples = page.evaluate("() => { clearInterval(window.__effilabTimer); return window.__effilabLag; }")
+                kernel = json.loads(log_path.read_text())
+        out[str(max_per_s)] = _lag_stats(kernel, samples) | {"max_per_s": max_per_s,
+                                                             "min_step_ms": kernel.get("min_step_ms")}
+        print(f"  browser, max_per_s={max_per_s}: {json.dumps(out[str(max_per_s)])}", flush=True)
+    return out
+
+
+def _f(v, fmt="{:.2f}"):
+    return "" if v is None else fmt.format(v)
+
+
+def lag_rows(res: dict) -> list[list]:
+    rows = []
+    for r in res.values():
+        if "max_per_s" not in r:
+            continue
+        rows.append([("unthrottled" if r["max_per_s"] == 0 else f"{r['max_per_s']:g} / s"),
+                     _f(r["fit_s"], "{:.1f}"), f"{r['updates']} ({r['updates_per_s']:.1f}/s)",
+                     _f(r["first_drawn_after_fit_start_s"], "{:.1f}"),
+                     f"{_f(r['lag_points_median'], '{:.0f}')} / {_f(r['lag_points_p95'], '{:.0f}')} / "
+                     f"{_f(r['lag_points_max'], '{:.0f}')}",
+                     f"{_f(r['stale_s_median'])} / {_f(r['stale_s_p95'])} / {_f(r['stale_s_max'])}",
+                     f"{_f(r['stale_s_p95_first_half'])} / {_f(r['stale_s_p95_second_half'])}",
+                     f"{_f(r['update_to_drawn_s_median'])} / {_f(r['update_to_drawn_s_p95'])}"])
+    return rows
+
+
+LAG_HEADERS = ["throttle", "fit (s)", "updates sent", "first drawn (s after fit start)",
+               "lag, points (median / p95 / max)", "lag, s (median / p95 / max)",
+               "lag p95, first / second half (s)", "update -> drawn (s, median / p95)"]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(p)
+    p.add_argument("--repeats", type=int, default=None, help="fits per arm (default 5; 2 with --quick)")
+    p.add_argument("--no-browser", action="store_true", help="skip part 2 (JupyterLab + Chromium)")
+    p.add_argument("--throttles", type=float, nargs="+", default=[2.0, 0.0],
+                   help="max_per_s values for the browser part (0: unthrottled)")
+    args = p.parse_args(argv)
+    apply_threads(args)
+    repeats = args.repeats or (2 if args.quick else 5)
+    m = machine()
+    print(f"machine: {machine_line(m)}; load average {m['loadavg']}")
+    t0 = time.time()
+    res = overhead(args.quick, repeats)
+    rows = overhead_rows(res)
+    print(f"\nPart 1: MNIST-1D {res['n_samples']:,}, MLP 256, InfoBatch(0.5), fit_one_cycle({res['epochs']}), "
+          f"batch {BS}, {repeats} interleaved fits per arm\n")
+    print(table(OVERHEAD_HEADERS, rows))
+    payload = {"overhead": res, "overhead_table": rows}
+    name = "dashboard_overhead" + ("_quick" if args.quick else "")
+    write_json(name, payload)
+    if not args.no_browser:
+        lag = browser_lag(args.quick, args.throttles)
+        payload |= {"browser": lag}
+        if "skipped" in lag:
+            print(f"\nPart 2 skipped: {lag['skipped']}")
+        else:
+            payload["browser_table"] = lrows = lag_rows(lag)
+            print("\nPart 2: the real browser (JupyterLab, headless Chromium)\n")
+            print(table(LAG_HEADERS, lrows))
+    payload["total_s"] = time.time() - t0
+    payload["loadavg_end"] = list(os.getloadavg())
+    path = write_json(name, payload)
+    print(f"\nwrote {path} ({payload['total_s']:.0f} s)")
+    print("median wall of fits with no dashboard: "
+          f"{statistics.median(r['wall_s'] for r in res['runs']['none']):.2f} s")
+
+
+if __name__ == "__main__":
+    main()
