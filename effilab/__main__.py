@@ -1,79 +1,113 @@
 """The `effilab` command line: `effilab bench` (or `python -m effilab bench`).
 
     effilab bench                                   # baseline, infobatch, random-prune on MNIST-1D
-    effilab bench --recipe baseline --recipe infobatch --seeds 0 1 2 --epochs 16
-    effilab bench --task fashion-mnist --n-samples 10000 --epochs 6
+    effilab bench --recipe baseline --recipe "infobatch(ratio=0.3)+dashboard" --seeds 0 1 2
+    effilab bench --task fashion-mnist --n-samples 20000 --epochs 8 --target-acc 0.85
+    effilab bench --recipes-file campaign.toml      # recipes and settings from a TOML file
+    effilab bench --resume runs/bench-20260101-120000   # continue an interrupted campaign
+    effilab bench --list                            # recipes, components and their arguments, tasks
     effilab bench --quick                           # a few seconds: checks that everything runs
+
+Exit status: 0 all runs finished, 1 some run failed (the others completed), 2 usage or data error,
+130 interrupted (the finished runs are saved; continue with --resume).
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
-import json
-import os
 import sys
+import textwrap
 import time
+from importlib import import_module
 from pathlib import Path
 
-# What `effilab bench` runs when not told otherwise: 3 recipes x 3 seeds on MNIST-1D (16k train
-# samples) for 12 epochs: 1-3 minutes on a busy 2-core CPU.
-BENCH_DEFAULTS = {"n_samples": 20_000, "seeds": [0, 1, 2], "epochs": 12, "bs": 128, "lr": 1e-2}
-# `--quick`: a smoke test of the whole path (a few seconds of training).
-BENCH_QUICK = {"n_samples": 2_000, "seeds": [0], "epochs": 4, "bs": 64, "lr": 1e-2}
+from .bench.tasks import MODELS, QUICK, TASK_DEFAULTS, TASK_NAMES
+
+DESCRIPTION = ("Train the same small model on the same data under several recipes and seeds, and compare "
+               "what each saved (samples, steps, wall-clock, CPU time, memory) with what it cost in "
+               "accuracy: a table, results.json (rewritten after every run) and a self-contained "
+               "report.html.")
+RECIPE_SYNTAX = ("A recipe is components joined by '+', each NAME or NAME(key=value, ...) with Python "
+                 "literal values, e.g. \"infobatch(ratio=0.3)+dashboard\". Components: baseline, infobatch, "
+                 "random-prune (matched to the campaign's InfoBatch recipe unless given fraction=) and every "
+                 "technique of effilab.registry by its name (dashboard, system_monitor, fit_recorder, ...): "
+                 "see --list.")
+
+TOML_EXAMPLE = """\
+  task = "mnist1d"            # optional campaign keys: task, n_samples, epochs, seeds, bs, lr, model,
+  epochs = 8                  #   width, target_acc, fraction, device, threads (options given win)
+  seeds = [0, 1]
+  [[recipe]]
+  name = "ib30"               # optional; default: the components joined by '+'
+  components = ["infobatch(ratio=0.3)", "dashboard"]
+  [[recipe]]
+  components = ["baseline"]"""
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from .bench.recipes import DEFAULT_FRACTION, DEFAULT_RECIPES, RECIPES
+    from .bench.recipes import DEFAULT_FRACTION, DEFAULT_RECIPES
 
+    mn = TASK_DEFAULTS["mnist1d"]
     parser = argparse.ArgumentParser(prog="effilab", description="Efficient training, measured.")
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser(
         "bench", help="train one model under several recipes and compare them side by side",
-        description="Train the same small model on the same data under several recipes and seeds; print "
-                    "accuracy, samples forwarded and wall-clock side by side and write results.json.")
-    b.add_argument("--task", default="mnist1d", help="data set (default: mnist1d); one of: "
-                   "mnist1d, digits, fashion-mnist, mnist, cifar10")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.fill(DESCRIPTION, 79) + "\n\n" + textwrap.fill(RECIPE_SYNTAX, 79),
+        epilog="A recipes file (TOML):\n" + TOML_EXAMPLE + "\n\nExit status: 0 all runs finished, 1 some run "
+               "failed,\n2 usage or data error, 130 interrupted (continue with --resume DIR).")
+    b.add_argument("--task", default=None,
+                   help=f"data (default mnist1d): {', '.join(TASK_NAMES)}, or folder:PATH (an image folder "
+                        "with one subfolder per class)")
     b.add_argument("--n-samples", type=int, default=None,
-                   help="mnist1d: samples generated, 80%% train / 20%% valid (default "
-                        f"{BENCH_DEFAULTS['n_samples']}); fashion-mnist, mnist, cifar10: a random subset of "
-                        "the training set of this size (default: all; --quick: 2000)")
-    b.add_argument("--recipe", action="append", default=None, metavar="NAME",
-                   help=f"a recipe to run (repeatable; default: {' '.join(DEFAULT_RECIPES)}); "
-                        f"one of: {', '.join(RECIPES)}")
+                   help=f"mnist1d: samples generated, 80%% train / 20%% valid (default {mn['n_samples']}); "
+                        "fashion-mnist, mnist, cifar10: a random subset of the training set (default: all; "
+                        f"--quick: {QUICK['n_samples']})")
+    b.add_argument("--recipe", action="append", default=None, metavar="RECIPE",
+                   help=f"a recipe to run (repeatable; default: {' '.join(DEFAULT_RECIPES)})")
+    b.add_argument("--recipes-file", default=None, metavar="FILE",
+                   help="a TOML file of recipes and campaign settings (see below); --recipe adds to its "
+                        "recipes")
     b.add_argument("--seeds", type=int, nargs="+", default=None,
-                   help=f"seeds (default: {' '.join(map(str, BENCH_DEFAULTS['seeds']))})")
-    b.add_argument("--epochs", type=int, default=None, help=f"epochs per run (default {BENCH_DEFAULTS['epochs']})")
-    b.add_argument("--bs", type=int, default=None, help=f"batch size (default {BENCH_DEFAULTS['bs']})")
+                   help=f"seeds (default: {' '.join(map(str, mn['seeds']))})")
+    b.add_argument("--epochs", type=int, default=None,
+                   help=f"epochs per run, or at most with --target-acc (default: per task, {mn['epochs']} "
+                        "for mnist1d)")
+    b.add_argument("--target-acc", type=float, default=None, metavar="ACC",
+                   help="time-to-accuracy: stop each run after the epoch whose validation accuracy reaches "
+                        "ACC (a fraction, e.g. 0.85) and report the time and samples it took")
+    b.add_argument("--bs", type=int, default=None, help=f"batch size (default {mn['bs']})")
     b.add_argument("--lr", type=float, default=None,
-                   help=f"peak learning rate of fit_one_cycle (default {BENCH_DEFAULTS['lr']})")
-    b.add_argument("--fraction", type=float, default=DEFAULT_FRACTION,
-                   help="random-prune's fraction when infobatch is not run to match it "
-                        f"(default {DEFAULT_FRACTION})")
+                   help=f"peak learning rate of fit_one_cycle (default {mn['lr']})")
+    b.add_argument("--model", choices=MODELS, default=None,
+                   help="small: effilab.datasets.small_model (an MLP for flat inputs, a CNN for images; "
+                        "default); mlp: the MLP on flattened inputs; cnn: the CNN")
+    b.add_argument("--width", type=int, default=None,
+                   help="the model's width: MLP hidden size (default 256) or first conv's channels "
+                        "(default 32)")
+    b.add_argument("--fraction", type=float, default=None,
+                   help=f"random-prune's fraction when there is no InfoBatch recipe to match (default "
+                        f"{DEFAULT_FRACTION})")
     b.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    b.add_argument("--threads", type=int, default=1,
+    b.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default 1: for models this small more threads gain little, and "
                         "on a busy machine they can make each step many times slower)")
-    b.add_argument("--out", default=None, help="output folder (default runs/bench-<timestamp>)")
+    b.add_argument("--out", default=None, metavar="DIR",
+                   help="output folder (default runs/bench-<timestamp>); refused if it holds results")
+    b.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the campaign in DIR with its missing (and failed) runs; options not given "
+                        "are taken from it, options given must match it")
+    b.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     b.add_argument("--quick", action="store_true",
                    help="a tiny setting that runs in seconds (explicit options still win)")
+    b.add_argument("--list", action="store_true",
+                   help="list the recipes, the components with their arguments, the tasks, and exit")
+    b.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first (repeatable): a module that registers its own components or "
+                        "recipes")
     # Usage errors found after parsing are reported by the subcommand's own parser (its usage line).
     b.set_defaults(command_parser=b)
     return parser
-
-
-def _task_kwargs(parser: argparse.ArgumentParser, task_fn, args) -> dict:
-    params = inspect.signature(task_fn).parameters
-    defaults = BENCH_QUICK if args.quick else BENCH_DEFAULTS
-    n = args.n_samples
-    if "n_samples" in params:
-        return {"n_samples": n if n is not None else defaults["n_samples"]}
-    if "subset" in params:
-        n = defaults["n_samples"] if n is None and args.quick else n
-        return {} if n is None else {"subset": n}
-    if n is not None:
-        parser.error(f"--n-samples does not apply to task {args.task!r}")
-    return {}
 
 
 def _out_dir(out: str | None) -> Path:
@@ -86,74 +120,158 @@ def _out_dir(out: str | None) -> Path:
     return path
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+def _list() -> int:
+    from .bench.recipes import RECIPES, components
 
-
-def bench(parser: argparse.ArgumentParser, args) -> int:
-    from . import __version__
-    from .bench.recipes import DEFAULT_RECIPES, RECIPES
-
-    recipes = args.recipe or list(DEFAULT_RECIPES)
-    unknown = [r for r in recipes if r not in RECIPES]
-    if unknown:
-        parser.error(f"unknown recipe {unknown[0]!r}; valid recipes: {', '.join(RECIPES)}")
-    if len(set(recipes)) != len(recipes):
-        parser.error(f"each recipe may be given once, got {' '.join(recipes)}")
-
-    from .datasets import TASKS, DatasetUnavailable  # imports torch: after the checks that need none
-
-    task_name = args.task.strip().lower().replace("_", "-")
-    if task_name not in TASKS:
-        parser.error(f"unknown task {args.task!r}; valid tasks: {', '.join(TASKS)}")
-    defaults = BENCH_QUICK if args.quick else BENCH_DEFAULTS
-    seeds = args.seeds if args.seeds is not None else defaults["seeds"]
-    epochs = args.epochs if args.epochs is not None else defaults["epochs"]
-    bs = args.bs if args.bs is not None else defaults["bs"]
-    lr = args.lr if args.lr is not None else defaults["lr"]
-    if epochs < 1 or bs < 1 or lr <= 0 or (args.threads is not None and args.threads < 1):
-        parser.error("--epochs, --bs, --threads must be positive integers and --lr a positive number")
-    if not 0.0 <= args.fraction < 1.0:
-        parser.error(f"--fraction must be in [0, 1), got {args.fraction}")
-    task_kwargs = _task_kwargs(parser, TASKS[task_name], args)
-
-    try:
-        task = TASKS[task_name](**task_kwargs)
-    except DatasetUnavailable as e:
-        print(f"effilab bench: error: {e}", file=sys.stderr)
-        return 2
-
-    from .bench.runner import format_table, run, summarize
-
-    out = _out_dir(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"effilab bench: {task!r}; recipes {', '.join(recipes)}; seeds {' '.join(map(str, seeds))}; "
-          f"{epochs} epochs, bs {bs}, lr {lr}", flush=True)
-    start = time.perf_counter()
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    results = run(task, recipes, seeds, epochs, bs, lr, device=device, threads=args.threads,
-                  options={"fraction": args.fraction}, progress=lambda line: print(line, flush=True))
-    total = time.perf_counter() - start
-    summary = summarize(results)
-    table = format_table(summary)
-    config = {"task": task_name, "task_kwargs": task_kwargs, "recipes": recipes, "seeds": seeds, "epochs": epochs,
-              "bs": bs, "lr": lr, "fraction": args.fraction, "device": device, "threads": args.threads,
-              "quick": args.quick}
-    _write_json(out / "results.json", {
-        "effilab_version": __version__, "config": config, "total_s": total,
-        "runs": [r.to_dict() for r in results], "summary": summary, "table": table,
-    })
-    print()
-    print(table)
-    print(f"\n{len(results)} runs in {total:.0f} s; results in {out / 'results.json'}")
+    print("recipes (--recipe NAME):")
+    for name, r in RECIPES.items():
+        print(f"  {name:<16} {r.description}")
+    print("\ncomponents (--recipe \"NAME(key=value, ...)+NAME...\"):")
+    for _, comp in sorted(components().items()):
+        print(f"  {comp.usage()}")
+        if comp.description:
+            print(f"      {comp.description}")
+    print(f"\ntasks (--task): {', '.join(TASK_NAMES)}, folder:PATH")
+    print(f"models (--model): {', '.join(MODELS)}")
     return 0
 
 
+# Options that are campaign keys too (the recipes file's keys, same names).
+_OPTIONS = ("task", "n_samples", "epochs", "seeds", "bs", "lr", "model", "width", "target_acc", "fraction",
+            "device", "threads")
+
+
+def _from_stored(config: dict) -> dict:
+    """A stored campaign configuration as campaign keys (what --resume fills in)."""
+    kw = config.get("task_kwargs") or {}
+    keys = {"task": config.get("task"), "n_samples": kw.get("n_samples", kw.get("subset"))}
+    keys.update({k: config.get(k) for k in ("epochs", "seeds", "bs", "lr", "model", "width", "target_acc",
+                                            "fraction", "device")})
+    return keys
+
+
+def bench(parser: argparse.ArgumentParser, args) -> int:
+    from .bench import store as S
+    from .bench.recipes import DEFAULT_RECIPES, RecipeError, get_recipe, load_recipes_file, resolve_campaign
+    from .bench.tasks import TaskError, parse_task, task_defaults, task_kwargs
+
+    for module in args.imports:
+        try:
+            import_module(module)
+        except Exception as e:
+            parser.error(f"--import {module}: {type(e).__name__}: {e}")
+    if args.list:
+        return _list()
+
+    # Campaign settings: the recipes file, then the options given, then (resuming) the stored campaign,
+    # then the task's defaults.
+    file_recipes, settings = [], {}
+    if args.recipes_file:
+        try:
+            file_recipes, settings = load_recipes_file(args.recipes_file)
+        except RecipeError as e:
+            parser.error(str(e))
+    settings.update({key: getattr(args, key) for key in _OPTIONS if getattr(args, key) is not None})
+
+    stored = None
+    if args.resume is not None:
+        if args.out is not None and Path(args.out).resolve() != Path(args.resume).resolve():
+            parser.error("--resume DIR continues the campaign in DIR: give --out DIR or neither")
+        if args.overwrite:
+            parser.error("--resume and --overwrite exclude each other")
+        try:
+            stored = S.load_results(args.resume)
+        except (FileNotFoundError, ValueError) as e:
+            parser.error(str(e))
+        for key, value in _from_stored(stored["config"]).items():
+            settings.setdefault(key, value)
+
+    try:
+        task_name, _ = parse_task(settings.get("task", "mnist1d"))
+        task_spec = settings.get("task", "mnist1d")
+        if task_name == "folder":
+            task_spec = f"folder:{parse_task(task_spec)[1]}"
+        defaults = task_defaults(task_name, args.quick)
+        kwargs = task_kwargs(task_name, settings.get("n_samples"), args.quick)
+    except TaskError as e:
+        parser.error(str(e))
+    get = lambda key: settings[key] if settings.get(key) is not None else defaults.get(key)
+    seeds, epochs, bs, lr = get("seeds"), get("epochs"), get("bs"), get("lr")
+    model, width, target = settings.get("model") or "small", settings.get("width"), settings.get("target_acc")
+    fraction, threads = settings.get("fraction"), settings.get("threads", 1)
+    if any(v is not None and v < 1 for v in (epochs, bs, threads, width)) or lr <= 0:
+        parser.error("--epochs, --bs, --threads, --width must be positive integers and --lr a positive "
+                     "number")
+    if not seeds or len(set(seeds)) != len(seeds):
+        parser.error(f"--seeds must be distinct integers, got {seeds}")
+    if model not in MODELS:
+        parser.error(f"unknown model {model!r}; models: {', '.join(MODELS)}")
+    if target is not None and not 0.0 < target <= 1.0:
+        parser.error(f"--target-acc is a validation accuracy in (0, 1], e.g. 0.85; got {target}")
+    if fraction is not None and not 0.0 <= fraction < 1.0:
+        parser.error(f"--fraction must be in [0, 1), got {fraction}")
+
+    # Recipes: the file's, then --recipe's; resuming without either, the stored campaign's.
+    try:
+        recipes = list(file_recipes) + [get_recipe(text) for text in args.recipe or []]
+        if not recipes and stored is not None:
+            recipes = [get_recipe({"name": r["name"], "components": r["components"]})
+                       for r in stored["config"].get("recipes", []) if r.get("components")]
+        if not recipes:
+            recipes = [get_recipe(name) for name in DEFAULT_RECIPES]
+        resolve_campaign(recipes)
+    except RecipeError as e:
+        parser.error(str(e))
+
+    out = Path(args.resume) if args.resume is not None else _out_dir(args.out)
+    if stored is None:
+        try:
+            S.check_out_dir(out, overwrite=args.overwrite)
+        except S.OutputExists as e:
+            parser.error(str(e))
+
+    from .bench.runner import CampaignInterrupted, run  # imports torch and fastai: after the checks
+    from .datasets import DatasetUnavailable
+
+    options = {} if fraction is None else {"fraction": fraction}
+    try:
+        campaign = run(task_spec, recipes, seeds, epochs, bs, lr, task_kwargs=kwargs, model=model,
+                       width=width, target_acc=target, device=settings.get("device"), options=options,
+                       threads=threads, progress="auto", out=out, resume=stored is not None,
+                       overwrite=args.overwrite)
+        interrupted = False
+    except TaskError as e:
+        parser.error(str(e))
+    except (DatasetUnavailable, S.ConfigMismatch) as e:
+        print(f"effilab bench: error: {e}", file=sys.stderr)
+        return 2
+    except CampaignInterrupted as e:
+        campaign, interrupted = e.campaign, True
+
+    print()
+    print(campaign.table)
+    n_plan = len(campaign.config["seeds"]) * len(campaign.config["recipes"])
+    cpu = sum(r.cpu_s for r in campaign)
+    print(f"\n{len(campaign)} of {n_plan} runs finished in {campaign.total_s:.0f} s "
+          f"(training: {sum(r.wall_s for r in campaign):.0f} s wall-clock, {cpu:.0f} s CPU)")
+    if campaign.failures:
+        print(f"\n{len(campaign.failures)} run(s) FAILED (tracebacks in results.json, \"failures\"):")
+        for f in campaign.failures:
+            print(f"  {f.recipe} seed={f.seed}: {f.message}")
+    print(f"results: {campaign.results_path}")
+    print(f"report:  {campaign.report_path}")
+    if interrupted:
+        print(f"\ninterrupted: the {len(campaign)} finished runs are saved; continue with: "
+              f"effilab bench --resume {out}", file=sys.stderr)
+        return 130
+    return 1 if campaign.failures else 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # A dependency's deprecation notice, printed at import on every run: noise in a command's output.
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
     parser = _build_parser()
     args = parser.parse_args(argv)
     return bench(args.command_parser, args)  # the only command so far; argparse rejects any other

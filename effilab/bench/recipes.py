@@ -1,15 +1,27 @@
-"""Recipes: named ways to train, each a list of callback factories.
+"""Recipes: named ways to train, each a set of callbacks with their arguments.
 
-A factory receives the run's `RunContext` (task, seed, epochs, the same seed's finished runs, options)
-and returns the callbacks to add to the Learner. Recipes are looked up by name in `RECIPES`; add your
-own with `register`.
+A recipe is written as components joined by `+`, each a component name with optional keyword arguments
+(Python literals only): `baseline`, `infobatch(ratio=0.3)+dashboard`, `random-prune(fraction=0.2)`.
+Components are the built-ins `baseline` (no callback), `infobatch`, `random_prune` (matched to the
+campaign's InfoBatch recipe unless given a `fraction`) and every technique of `effilab.registry`, by its
+registry name, built from the technique's class with the arguments given (`-` and `_` are the same in
+names). Add your own with `register_component`; whole recipes in Python with `register`.
+
+>>> r = parse_recipe("infobatch(ratio=0.3)+dashboard")  # doctest: +SKIP
+>>> r.name, [str(c) for c in r.components]  # doctest: +SKIP
+('infobatch(ratio=0.3)+dashboard', ['infobatch(ratio=0.3)', 'dashboard'])
 """
 
 from __future__ import annotations
 
+import ast
+import inspect
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from importlib import import_module
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -19,22 +31,34 @@ if TYPE_CHECKING:
     from .runner import RunResult
 
 __all__ = [
+    "CAMPAIGN_KEYS",
+    "COMPONENTS",
     "DEFAULT_FRACTION",
     "DEFAULT_RECIPES",
     "RECIPES",
+    "Component",
+    "ComponentSpec",
     "Recipe",
+    "RecipeError",
     "RunContext",
-    "baseline",
+    "components",
     "get_recipe",
-    "infobatch",
-    "random_prune",
+    "load_recipes_file",
+    "parse_components",
+    "parse_recipe",
     "random_prune_fraction",
     "register",
+    "register_component",
+    "resolve_campaign",
     "run_order",
 ]
 
 # Random pruning's fraction when no InfoBatch run of the same seed is there to match.
 DEFAULT_FRACTION = 0.3
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be parsed or built: unknown component or argument, bad value or syntax."""
 
 
 @dataclass
@@ -60,18 +84,301 @@ class RunContext:
 CallbackFactory = Callable[[RunContext], "Callback | Sequence[Callback] | None"]
 
 
+# ------------------------------------------------------------------------------------------ components
+
+
+def _key(name: str) -> str:
+    return name.strip().lower().replace("-", "_")
+
+
+def _load(target):
+    """A class or factory, given as itself or as "module:attribute" (imported on first use)."""
+    if isinstance(target, str):
+        module, _, attr = target.partition(":")
+        return getattr(import_module(module), attr)
+    return target
+
+
+def _json_safe(value) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str)) or (
+        isinstance(value, (list, tuple)) and all(_json_safe(v) for v in value))
+
+
+@dataclass(frozen=True)
+class Component:
+    """A recipe ingredient: a name, what builds its callbacks, and the keyword arguments it accepts.
+
+    `target` is a callback class or a factory returning callbacks (or "module:attribute" of one); its
+    signature says which arguments a recipe may pass. A `seed` argument the recipe leaves out gets the
+    run's seed. `build(ctx, kwargs) -> (callbacks, notes)` replaces the plain call where the component
+    needs the run (random pruning reads the run it matches); `extra` names the arguments only it takes;
+    `resolve(kwargs, recipe, campaign) -> (kwargs, after)` fills in arguments that depend on the other
+    recipes of the campaign and names the recipes whose run of the same seed must come first.
+    """
+
+    name: str
+    target: Any = None
+    description: str = ""
+    category: str = ""
+    build: Callable | None = None
+    extra: tuple[str, ...] = ()
+    resolve: Callable | None = None
+
+    def signature(self) -> inspect.Signature | None:
+        if self.target is None:
+            return None
+        return inspect.signature(_load(self.target))
+
+    def accepted(self) -> tuple[str, ...]:
+        sig = self.signature()
+        names = [] if sig is None else [
+            p.name for p in sig.parameters.values()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"]
+        return tuple(names) + tuple(n for n in self.extra if n not in names)
+
+    def required(self) -> tuple[str, ...]:
+        sig = self.signature()
+        return () if sig is None else tuple(
+            p.name for p in sig.parameters.values()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty)
+
+    def usage(self) -> str:
+        sig = self.signature()
+        args = []
+        if sig is not None:
+            for p in sig.parameters.values():
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+                    if p.default is p.empty:
+                        args.append(p.name)
+                    else:  # a default that is no literal (a clock, a function) cannot be written in a recipe
+                        args.append(f"{p.name}={p.default!r}" if _json_safe(p.default) else f"{p.name}=...")
+        args += [f"{n}=None" for n in self.extra if n not in (sig.parameters if sig else {})]
+        return f"{self.name}({', '.join(args)})" if args else self.name
+
+    def instantiate(self, ctx: RunContext | None, kwargs: Mapping[str, Any]) -> tuple[list, dict]:
+        """The callbacks for one run and the arguments they got (for the results). `ctx=None`: a
+        check of the arguments before any run (seed 0, nothing to match)."""
+        kwargs = dict(kwargs)
+        if self.build is not None:
+            made, notes = self.build(ctx, kwargs)
+        elif self.target is None:
+            made, notes = None, {}
+        else:
+            target = _load(self.target)
+            sig = inspect.signature(target)
+            if "seed" in sig.parameters and "seed" not in kwargs:
+                kwargs["seed"] = 0 if ctx is None else ctx.seed
+            made = target(**kwargs)
+            bound = sig.bind_partial(**kwargs)
+            bound.apply_defaults()
+            notes = {k: v for k, v in bound.arguments.items() if _json_safe(v)}
+        cbs = [] if made is None else list(made) if isinstance(made, (list, tuple)) else [made]
+        return cbs, notes
+
+
+# name -> Component; the built-ins here, the registry's techniques added by `components()`.
+COMPONENTS: dict[str, Component] = {}
+
+# Registered techniques whose `make()` is a test-friendly factory: the class a recipe builds instead.
+TECHNIQUE_CLASSES = {
+    "infobatch": "effilab.data.infobatch:InfoBatch",
+    "random_prune": "effilab.data.infobatch:RandomPrune",
+    "dashboard": "effilab.viz.dashboard:Dashboard",
+    "system_monitor": "effilab.system.monitor:SystemMonitor",
+    "fit_recorder": "effilab.system.fit_recorder:FitRecorder",
+}
+
+
+def register_component(name: str, target=None, description: str = "", category: str = "", *,
+                       build: Callable | None = None, extra: Sequence[str] = (),
+                       resolve: Callable | None = None, overwrite: bool = False) -> Component:
+    """Make `name` usable in recipes: `target` is a callback class or a factory (see `Component`)."""
+    key = _key(name)
+    if key in COMPONENTS and not overwrite:
+        raise ValueError(f"a component named {key!r} is already registered (pass overwrite=True)")
+    comp = Component(key, target, description, category, build, tuple(extra), resolve)
+    COMPONENTS[key] = comp
+    return comp
+
+
+def _technique_target(tech):
+    """The class behind a registered technique, so that recipes pass their own arguments to it."""
+    if tech.name in TECHNIQUE_CLASSES:
+        return TECHNIQUE_CLASSES[tech.name]
+    if isinstance(tech.make, type):
+        return tech.make
+    try:
+        made = tech.make()
+    except Exception:  # a factory that needs arguments: recipes call it as it is
+        return tech.make
+    return type(made) if not isinstance(made, (list, tuple)) else tech.make
+
+
+def components() -> dict[str, Component]:
+    """Every component a recipe may use: the built-ins, the techniques of `effilab.registry` (imported
+    now) and those added with `register_component`, by name."""
+    from ..registry import all_techniques
+
+    for name, tech in all_techniques().items():
+        key = _key(name)
+        if key not in COMPONENTS:
+            COMPONENTS[key] = Component(key, _technique_target(tech),
+                                        f"registered technique ({tech.category})", tech.category)
+    return dict(COMPONENTS)
+
+
+def _find_component(name: str, context: str = "") -> Component:
+    key = _key(name)
+    comp = COMPONENTS.get(key) or components().get(key)
+    if comp is None:
+        where = f" in recipe {context!r}" if context and context != name else ""
+        raise RecipeError(f"unknown component {name!r}{where}; components: {', '.join(sorted(components()))}")
+    return comp
+
+
+# ---- parsing
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """One parsed component: the name as written, its registry key and its keyword arguments."""
+
+    name: str
+    kwargs: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def key(self) -> str:
+        return _key(self.name)
+
+    @property
+    def args(self) -> dict[str, Any]:
+        return dict(self.kwargs)
+
+    def with_args(self, **kwargs) -> ComponentSpec:
+        return replace(self, kwargs=tuple({**self.args, **kwargs}.items()))
+
+    def __str__(self) -> str:
+        if not self.kwargs:
+            return self.name
+        return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in self.kwargs)})"
+
+
+_NAME = re.compile(r"\s*([A-Za-z_][\w\-]*)\s*(?:\((.*)\))?\s*\Z", re.DOTALL)
+
+
+def _split_top_level(text: str) -> list[str]:
+    """`text` split at the `+` signs outside parentheses, brackets and string literals."""
+    parts, depth, quote, start, i = [], 0, None, 0, 0
+    while i < len(text):
+        ch = text[i]
+        if quote:
+            if ch == "\\":
+                i += 1
+            elif ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+            if depth < 0:
+                raise RecipeError(f"unbalanced ')' in recipe {text!r}")
+        elif ch == "+" and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+        i += 1
+    if quote or depth:
+        raise RecipeError(f"unclosed {'string' if quote else 'parenthesis'} in recipe {text!r}")
+    parts.append(text[start:])
+    return parts
+
+
+def parse_components(text: str) -> tuple[ComponentSpec, ...]:
+    """The components of a recipe string, syntax only: `name(k=v, ...)` joined by `+`; values are
+    Python literals (numbers, strings, booleans, None, tuples, lists, dicts), read with `ast`."""
+    if not isinstance(text, str) or not text.strip():
+        raise RecipeError(f"empty recipe {text!r}")
+    specs = []
+    for part in _split_top_level(text):
+        m = _NAME.match(part)
+        if not m:
+            raise RecipeError(f"cannot read component {part.strip()!r} of recipe {text!r}: write name or "
+                              "name(key=value, ...) with components joined by '+'")
+        name, args = m.group(1), m.group(2)
+        kwargs: dict[str, Any] = {}
+        if args is not None and args.strip():
+            try:
+                call = ast.parse(f"f({args})", mode="eval").body
+            except SyntaxError as e:
+                raise RecipeError(f"cannot read the arguments of {part.strip()!r} in recipe {text!r}: "
+                                  f"{e.msg}") from None
+            if not isinstance(call, ast.Call) or call.args or any(k.arg is None for k in call.keywords):
+                raise RecipeError(f"{part.strip()!r} in recipe {text!r}: arguments must be key=value")
+            for kw in call.keywords:
+                if kw.arg in kwargs:
+                    raise RecipeError(f"{part.strip()!r} in recipe {text!r}: {kw.arg!r} given twice")
+                try:
+                    kwargs[kw.arg] = ast.literal_eval(kw.value)
+                except ValueError:
+                    raise RecipeError(f"{part.strip()!r} in recipe {text!r}: the value of {kw.arg!r} must be "
+                                      f"a literal (number, string, True/False/None, list, tuple, dict), got "
+                                      f"{ast.unparse(kw.value)!r}") from None
+        specs.append(ComponentSpec(name, tuple(kwargs.items())))
+    return tuple(specs)
+
+
+def _check_spec(spec: ComponentSpec, context: str) -> None:
+    comp = _find_component(spec.name, context)
+    accepted = comp.accepted()
+    for k in spec.args:
+        if k not in accepted:
+            takes = ", ".join(accepted) if accepted else "no arguments"
+            raise RecipeError(f"component {spec.name!r} in recipe {context!r} does not accept {k!r}; "
+                              f"it accepts: {takes} (usage: {comp.usage()})")
+    missing = [k for k in comp.required() if k not in spec.args]
+    if missing:
+        raise RecipeError(f"component {spec.name!r} in recipe {context!r} needs {', '.join(missing)} "
+                          f"(usage: {comp.usage()})")
+    try:
+        comp.instantiate(None, spec.args)  # wrong values fail here, before any training
+    except RecipeError:
+        raise
+    except Exception as e:
+        raise RecipeError(f"component {spec} in recipe {context!r}: {type(e).__name__}: {e}") from None
+
+
+# ------------------------------------------------------------------------------------------ recipes
+
+
 @dataclass(frozen=True)
 class Recipe:
-    """A name, the callback factories that make the recipe, and the recipes it reads (`after`): when
-    those are requested too, their run of the same seed comes first and is in `RunContext.peers`."""
+    """A name, its components (parsed recipe text) and any extra callback factories (Python), and the
+    recipes it reads (`after`): when those are in the campaign too, their run of the same seed comes
+    first and is in `RunContext.peers`."""
 
     name: str
     callbacks: tuple[CallbackFactory, ...] = ()
     description: str = ""
     after: tuple[str, ...] = ()
+    components: tuple[ComponentSpec, ...] = ()
+
+    @property
+    def text(self) -> str:
+        """The components as recipe text (what the recipe is, whatever its name)."""
+        parts = [str(c) for c in self.components]
+        parts += [getattr(f, "__name__", "factory") + "<python>" for f in self.callbacks]
+        return "+".join(parts) or "baseline"
 
     def make_callbacks(self, ctx: RunContext) -> list[Callback]:
         cbs: list[Callback] = []
+        for spec in self.components:
+            made, notes = _find_component(spec.name, self.name).instantiate(ctx, spec.args)
+            key, i = spec.key, 2
+            while key in ctx.notes:  # the same component twice in one recipe
+                key, i = f"{spec.key}#{i}", i + 1
+            ctx.notes[key] = notes
+            cbs.extend(made)
         for factory in self.callbacks:
             made = factory(ctx)
             if made is None:
@@ -79,23 +386,136 @@ class Recipe:
             cbs.extend(made if isinstance(made, (list, tuple)) else [made])
         return cbs
 
+    def to_config(self) -> dict:
+        return {"name": self.name, "components": [str(c) for c in self.components],
+                "python": [getattr(f, "__qualname__", repr(f)) for f in self.callbacks]}
+
 
 RECIPES: dict[str, Recipe] = {}
 
 
 def register(recipe: Recipe, overwrite: bool = False) -> Recipe:
+    """Make `recipe` available by its name (the command line's `--recipe NAME`)."""
     if recipe.name in RECIPES and not overwrite:
         raise ValueError(f"a recipe named {recipe.name!r} is already registered (pass overwrite=True)")
     RECIPES[recipe.name] = recipe
     return recipe
 
 
-def get_recipe(recipe: str | Recipe) -> Recipe:
+def parse_recipe(text: str, name: str | None = None) -> Recipe:
+    """A recipe from its text: a registered recipe's name, or components joined by `+`. The name is the
+    text as given (stripped) unless `name` is given. Unknown components or arguments and bad values
+    raise `RecipeError` listing what exists."""
+    if not isinstance(text, str):
+        raise RecipeError(f"a recipe is a string, got {text!r}")
+    stripped = text.strip()
+    if stripped in RECIPES:
+        recipe = RECIPES[stripped]
+        return recipe if name is None else replace(recipe, name=name)
+    specs = parse_components(stripped)
+    display = stripped if name is None else name
+    for spec in specs:
+        _check_spec(spec, display)
+    return Recipe(display, components=specs)
+
+
+def get_recipe(recipe: str | Recipe | Mapping) -> Recipe:
+    """A `Recipe` from a Recipe, a recipe text (see `parse_recipe`) or a mapping {name, components}."""
     if isinstance(recipe, Recipe):
         return recipe
-    if recipe not in RECIPES:
-        raise KeyError(f"unknown recipe {recipe!r}; valid recipes: {', '.join(RECIPES)}")
-    return RECIPES[recipe]
+    if isinstance(recipe, Mapping):
+        return _recipe_from_mapping(recipe, "recipe")
+    try:
+        return parse_recipe(recipe)
+    except RecipeError as e:
+        if isinstance(recipe, str) and _NAME.match(recipe) and "unknown component" in str(e):
+            raise RecipeError(f"unknown recipe {recipe.strip()!r}; valid recipes: {', '.join(RECIPES)}; or "
+                              f"components joined by '+': {', '.join(sorted(components()))}") from None
+        raise
+
+
+def _recipe_from_mapping(entry: Mapping, where: str) -> Recipe:
+    unknown = set(entry) - {"name", "components", "recipe", "description"}
+    if unknown:
+        raise RecipeError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; a recipe has name "
+                          "(optional) and components (a list of component strings) or recipe (one string)")
+    comps = entry.get("components", entry.get("recipe"))
+    if isinstance(comps, str):
+        comps = [comps]
+    if not comps or not isinstance(comps, (list, tuple)) or not all(isinstance(c, str) for c in comps):
+        raise RecipeError(f"{where}: components must be a non-empty list of strings, e.g. "
+                          "components = [\"infobatch(ratio=0.3)\", \"dashboard\"]")
+    text = "+".join(c.strip() for c in comps)
+    name = entry.get("name")
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise RecipeError(f"{where}: name must be a non-empty string")
+    recipe = parse_recipe(text, name=name.strip() if name else None)
+    return replace(recipe, description=str(entry.get("description", recipe.description)))
+
+
+# Keys a campaign file may set besides its recipes (the command line's options of the same names win).
+CAMPAIGN_KEYS = ("task", "n_samples", "epochs", "seeds", "bs", "lr", "model", "width", "target_acc",
+                 "fraction", "device", "threads")
+
+
+def load_recipes_file(path) -> tuple[list[Recipe], dict[str, Any]]:
+    """Read a TOML campaign file: `[[recipe]]` tables (`name`, `components = [...]`) and/or a list
+    `recipes = ["baseline", "infobatch(ratio=0.3)+dashboard"]`, plus optional campaign keys
+    (`CAMPAIGN_KEYS`: task, epochs, seeds, ...). Returns the recipes and the campaign keys."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise RecipeError(f"cannot read recipes file {str(path)!r}: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"{path}: not valid TOML: {e}") from None
+    recipes: list[Recipe] = []
+    for i, text in enumerate(data.pop("recipes", [])):
+        if not isinstance(text, str):
+            raise RecipeError(f"{path}: recipes[{i}] must be a string, got {text!r}")
+        recipes.append(parse_recipe(text))
+    entries = data.pop("recipe", [])
+    if isinstance(entries, Mapping):
+        entries = [entries]
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, Mapping):
+            raise RecipeError(f"{path}: each [[recipe]] must be a table")
+        recipes.append(_recipe_from_mapping(entry, f"{path}: recipe {i + 1}"))
+    unknown = [k for k in data if k not in CAMPAIGN_KEYS]
+    if unknown:
+        raise RecipeError(f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: [[recipe]], recipes, "
+                          f"{', '.join(CAMPAIGN_KEYS)}")
+    return recipes, data
+
+
+# ---- ordering and references
+
+
+def resolve_campaign(recipes: Iterable[Recipe]) -> list[Recipe]:
+    """The recipes with their references to each other filled in (random pruning matched to an
+    InfoBatch recipe) and `after` set accordingly; names must be unique."""
+    recipes = list(recipes)
+    names = [r.name for r in recipes]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise RecipeError(f"each recipe may appear once; repeated: {', '.join(dup)} (give a different name)")
+    out = []
+    for recipe in recipes:
+        specs, after = [], list(recipe.after)
+        for spec in recipe.components:
+            comp = _find_component(spec.name, recipe.name)
+            if comp.resolve is not None:
+                kwargs, reads = comp.resolve(spec.args, recipe, recipes)
+                spec = replace(spec, kwargs=tuple(kwargs.items()))
+                after += [a for a in reads if a not in after]
+            specs.append(spec)
+        out.append(replace(recipe, components=tuple(specs), after=tuple(after)))
+    return out
 
 
 def run_order(recipes: Iterable[Recipe]) -> list[Recipe]:
@@ -143,54 +563,88 @@ def random_prune_fraction(forwarded_total: int, n_samples: int, epochs: int, del
     return (n_samples - keep) / n_samples
 
 
-# ------------------------------------------------------------------------------------------ recipes
+# ------------------------------------------------------------------------------------------ built-ins
 
 
-def _infobatch(ratio: float, delta: float) -> CallbackFactory:
-    def make(ctx: RunContext):
-        from ..data.infobatch import InfoBatch
-
-        ctx.notes.update(ratio=ratio, delta=delta)
-        return InfoBatch(ratio=ratio, delta=delta, seed=ctx.seed)
-
-    return make
+def _has_infobatch(recipe: Recipe) -> bool:
+    return any(s.key == "infobatch" for s in recipe.components)
 
 
-def _random_prune(reference: str, delta: float) -> CallbackFactory:
-    def make(ctx: RunContext):
-        from ..data.infobatch import RandomPrune
+def _random_prune_resolve(kwargs: dict, recipe: Recipe, campaign: Sequence[Recipe]):
+    """Random pruning without a `fraction` forwards as many samples as an InfoBatch recipe of the
+    campaign: `match` names it, else the recipe called "infobatch", else the only one with InfoBatch."""
+    if "fraction" in kwargs:
+        if kwargs.get("match") is not None:
+            raise RecipeError(f"recipe {recipe.name!r}: random_prune takes fraction or match, not both")
+        return kwargs, ()
+    names = [r.name for r in campaign if r.name != recipe.name]
+    match = kwargs.get("match")
+    if match is not None:
+        if match not in names:
+            raise RecipeError(f"recipe {recipe.name!r}: random_prune(match={match!r}) names no other recipe "
+                              f"of this campaign; recipes: {', '.join(names) or '(none)'}")
+        return kwargs, (match,)
+    with_ib = [r.name for r in campaign if r.name != recipe.name and _has_infobatch(r)]
+    if "infobatch" in with_ib:
+        ref = "infobatch"
+    elif len(with_ib) == 1:
+        ref = with_ib[0]
+    elif with_ib:
+        raise RecipeError(f"recipe {recipe.name!r}: random_prune matches the samples of an InfoBatch recipe, "
+                          f"and this campaign has several ({', '.join(with_ib)}): say which with "
+                          f"random_prune(match='...'), or give fraction=...")
+    else:
+        return kwargs, ()  # nothing to match: the campaign's --fraction
+    return {**kwargs, "match": ref}, (ref,)
 
-        ref = ctx.peers.get(reference)
+
+def _reference_delta(ref: RunResult) -> float | None:
+    for key, notes in (ref.params or {}).items():
+        if key.split("#")[0] == "infobatch" and isinstance(notes, Mapping) and "delta" in notes:
+            return notes["delta"]
+    return None
+
+
+def _random_prune_build(ctx: RunContext | None, kwargs: dict):
+    from ..data.infobatch import RandomPrune
+
+    match = kwargs.pop("match", None)
+    seed = kwargs.pop("seed", 0 if ctx is None else ctx.seed)
+    delta = kwargs.get("delta")
+    if ctx is None or match is None or "fraction" in kwargs:
+        fraction = kwargs.get("fraction", DEFAULT_FRACTION if ctx is None else
+                              float(ctx.options.get("fraction", DEFAULT_FRACTION)))
+        delta = 0.875 if delta is None else delta
+        notes = {"fraction": fraction, "delta": delta, "seed": seed, "matched_to": None}
+    else:
+        ref = ctx.peers.get(match)
         if ref is None:
-            fraction, run_delta = float(ctx.options.get("fraction", DEFAULT_FRACTION)), delta
-            ctx.notes.update(fraction=fraction, delta=run_delta, matched_to=None)
-        else:
-            # Same annealing point as the run it matches, so only the choice of samples differs.
-            run_delta = ref.params.get("delta", delta)
-            fraction = random_prune_fraction(ref.samples, ctx.n_train, ctx.epochs, run_delta, ctx.bs,
-                                             ctx.drop_last)
-            ctx.notes.update(fraction=fraction, delta=run_delta, matched_to=reference,
-                             target_samples=ref.samples)
-        return RandomPrune(fraction=fraction, delta=run_delta, seed=ctx.seed)
-
-    return make
-
-
-def baseline() -> Recipe:
-    return Recipe("baseline", (), "full data every epoch")
+            raise RuntimeError(f"random_prune matches the samples of recipe {match!r}, whose run with seed "
+                               f"{ctx.seed} did not finish")
+        delta = (_reference_delta(ref) or 0.875) if delta is None else delta
+        target = ref.samples
+        ran = len(ref.history) or ref.epochs
+        if ran < ctx.epochs:  # the reference stopped at its target accuracy: match its rate of samples
+            target = round(ref.samples * ctx.epochs / ran)
+        fraction = random_prune_fraction(target, ctx.n_train, ctx.epochs, delta, ctx.bs, ctx.drop_last)
+        notes = {"fraction": fraction, "delta": delta, "seed": seed, "matched_to": match,
+                 "target_samples": target}
+    return RandomPrune(fraction=fraction, delta=delta, seed=seed), notes
 
 
-def infobatch(ratio: float = 0.5, delta: float = 0.875) -> Recipe:
-    return Recipe("infobatch", (_infobatch(ratio, delta),), f"InfoBatch(ratio={ratio}, delta={delta})")
+register_component("baseline", None, "no callback: full data every epoch", "baseline")
+register_component("infobatch", "effilab.data.infobatch:InfoBatch",
+                   "InfoBatch (Qin et al., ICLR 2024): prune well-learned samples, rescale the rest", "data")
+register_component("random_prune", "effilab.data.infobatch:RandomPrune",
+                   "random pruning; without fraction=, forwards as many samples as the campaign's InfoBatch "
+                   f"recipe (match='recipe name' to choose; --fraction, default {DEFAULT_FRACTION}, if none)",
+                   "data", build=_random_prune_build, extra=("match",), resolve=_random_prune_resolve)
 
-
-def random_prune(reference: str = "infobatch", delta: float = 0.875) -> Recipe:
-    return Recipe("random-prune", (_random_prune(reference, delta),),
-                  f"RandomPrune forwarding as many samples as the same seed's {reference} run "
-                  f"(fraction {DEFAULT_FRACTION} without one)", after=(reference,))
-
-
-for _recipe in (baseline(), infobatch(), random_prune()):
-    register(_recipe)
+for _name, _text, _description in (
+        ("baseline", "baseline", "full data every epoch"),
+        ("infobatch", "infobatch", "InfoBatch(ratio=0.5, delta=0.875)"),
+        ("random-prune", "random-prune", "random pruning forwarding as many samples as the same seed's "
+                                         f"InfoBatch run (fraction {DEFAULT_FRACTION} without one)")):
+    register(Recipe(_name, description=_description, components=parse_components(_text)))
 
 DEFAULT_RECIPES = ("baseline", "infobatch", "random-prune")

@@ -1,12 +1,16 @@
-"""Tests for effilab.bench and `python -m effilab bench`: the command end to end, the recipe registry,
-random-prune's fraction, usage errors and determinism."""
+"""`effilab bench` and `effilab.bench.run`: the command end to end (table, results.json and report.html
+agree), usage and data errors, output-folder protection, failed runs, Ctrl-C and --resume,
+time-to-accuracy, image folders, and determinism."""
 
 import json
-import math
 import os
 import random
+import re
+import signal
 import subprocess
 import sys
+import time
+from html import unescape
 from pathlib import Path
 
 import numpy as np
@@ -14,224 +18,391 @@ import pytest
 import torch
 
 from effilab import bench
+from effilab.__main__ import main
 from effilab.bench import recipes as R
-from effilab.core.infobatch import random_plan
+from effilab.bench.report import html_table
+from effilab.bench.runner import table_rows
+from effilab.registry import all_techniques
 
 ROOT = Path(__file__).resolve().parents[2]
+PLUGIN = "tests.bench.plugin"  # components that crash or interrupt a run
+TINY = ["--task", "mnist1d", "--n-samples", "600", "--epochs", "2", "--bs", "64", "--seeds", "0"]
 
 
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path_factory, monkeypatch):
     # Never read or write the user's data cache from tests (subprocesses inherit the variable).
     monkeypatch.setenv("EFFILAB_CACHE", str(tmp_path_factory.getbasetemp() / "effilab-cache"))
+    monkeypatch.delenv("EFFILAB_TEST_INTERRUPT", raising=False)
+
+
+def _env():
+    return dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
 def _cli(*args, cwd=None):
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "effilab", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd or ROOT, timeout=300)
+    return subprocess.run([sys.executable, "-m", "effilab", *args], capture_output=True, text=True,
+                          env=_env(), cwd=cwd or ROOT, timeout=300)
 
 
-def _table_rows(stdout: str) -> dict[str, list[str]]:
-    lines = [ln for ln in stdout.splitlines() if ln.startswith("| ")]
-    header, *rows = ([c.strip() for c in ln.strip("|").split("|")] for ln in lines)
-    assert header[0] == "recipe"
-    return {row[0]: row for row in rows}
+def _main(capsys, *args) -> tuple[int, str, str]:
+    """The command line in this process (fast: fastai is imported once): (exit status, stdout, stderr)."""
+    try:
+        rc = main(["bench", *args])
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
 
 
-# ------------------------------------------------------------------------------------------ command line
+def _table(text: str) -> tuple[list[str], dict[str, list[str]]]:
+    lines = [ln for ln in text.splitlines() if ln.startswith("| ")]
+    header, *rows = ([c.strip() for c in ln.strip()[1:-1].split(" | ")] for ln in lines)
+    return header, {row[0]: row for row in rows}
+
+
+def _html_table(page: str) -> tuple[list[str], dict[str, list[str]]]:
+    table = re.search(r"<table class='effilab-bench-table'.*?</table>", page, re.S).group(0)
+    header = [unescape(h) for h in re.findall(r"<th>(.*?)</th>", table)]
+    rows = [[unescape(c) for c in re.findall(r"<td>(.*?)</td>", tr)]
+            for tr in re.findall(r"<tr data.*?</tr>", table)]
+    return header, {row[0]: row for row in rows}
+
+
+def _results(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------ end to end
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench-quick")
+    out = tmp_path_factory.mktemp("bench-quick") / "out"
     proc = _cli("bench", "--quick", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc, json.loads((out / "results.json").read_text())
+    return proc, out, json.loads((out / "results.json").read_text())
 
 
-def test_cli_quick_prints_table_matching_results_json(quick_run):
-    proc, data = quick_run
-    rows = _table_rows(proc.stdout)
-    assert list(rows) == list(R.DEFAULT_RECIPES) == data["config"]["recipes"]
-    assert [s["recipe"] for s in data["summary"]] == list(rows)
-    runs = data["runs"]
-    assert [r["recipe"] for r in runs] == ["baseline", "infobatch", "random-prune"]  # one seed in --quick
-    # One progress line per run, in run order.
-    progress = [ln for ln in proc.stdout.splitlines() if ln.startswith("[")]
-    assert [ln.split("]")[0] for ln in progress] == ["[1/3", "[2/3", "[3/3"]
+def test_cli_quick_table_json_and_report_agree(quick_run):
+    proc, out, data = quick_run
+    assert data["status"] == "complete" and data["failures"] == []
+    header, rows = _table(proc.stdout)
+    assert list(rows) == list(R.DEFAULT_RECIPES) == [r["name"] for r in data["config"]["recipes"]]
+    # The printed table is the one in results.json, and its cells are the summary's numbers.
+    assert data["table"] in proc.stdout
+    assert (header, list(rows.values())) == table_rows(data["summary"])
     for s in data["summary"]:
-        row = rows[s["recipe"]]
-        assert row[1] == f"{100 * s['accuracy_mean']:.2f} ± {100 * s['accuracy_std']:.2f}"
-        assert row[2] == f"{round(s['samples_mean']):,} ({s['samples_frac']:.1%})"
-        assert row[3] == f"{s['wall_s_mean']:.1f} ± {s['wall_s_std']:.1f} ({s['wall_frac']:.0%})"
-        assert row[4] == f"{s['cpu_s_mean']:.1f} ± {s['cpu_s_std']:.1f} ({s['cpu_frac']:.0%})"
-        assert row[5] == f"{round(s['steps_mean']):,}"
-        mine = [r for r in runs if r["recipe"] == s["recipe"]]
+        row = dict(zip(header, rows[s["recipe"]]))
+        assert row["accuracy % (mean ± std)"] == \
+            f"{100 * s['accuracy_mean']:.2f} ± {100 * s['accuracy_std']:.2f}"
+        assert row["samples fwd (% of baseline)"] == f"{round(s['samples_mean']):,} ({s['samples_frac']:.1%})"
+        assert row["steps"] == f"{round(s['steps_mean']):,}"
+        mine = [r for r in data["runs"] if r["recipe"] == s["recipe"]]
         assert s["accuracy_mean"] == pytest.approx(np.mean([r["accuracy"] for r in mine]))
         assert s["samples_mean"] == pytest.approx(np.mean([r["samples"] for r in mine]))
-    assert data["table"] in proc.stdout
+        assert s["throughput_mean"] == pytest.approx(np.mean([r["samples"] / r["wall_s"] for r in mine]))
+    # One progress line per run, in run order; the report's path is printed.
+    progress = [ln for ln in proc.stdout.splitlines() if ln.startswith("[")]
+    assert [ln.split("]")[0] for ln in progress] == ["[1/3", "[2/3", "[3/3"]
+    assert f"report:  {out / 'report.html'}" in proc.stdout
+    assert f"results: {out / 'results.json'}" in proc.stdout
+    # The report: self-contained (plotly.js inside, nothing fetched), the same table, every recipe drawn.
+    page = (out / "report.html").read_text()
+    assert not re.search(r"<script[^>]*\bsrc=", page) and len(page) > 1_000_000
+    assert html_table(data) in page
+    assert _html_table(page) == (header, rows)
+    figs = bench.figures(data)
+    assert set(figs) == {"accuracy", "savings"}
+    runs = [t for t in figs["accuracy"].data if t.name.endswith(": runs")]
+    assert sorted(round(y, 6) for t in runs for y in t.y) == \
+        sorted(round(100 * r["accuracy"], 6) for r in data["runs"] for _ in (0, 1))  # two panels
+    saved = {t.name: dict(zip(t.x, t.y)) for t in figs["savings"].data}
+    assert set(saved) == {"infobatch", "random-prune"}  # the baseline is what they are measured against
+    ib = next(s for s in data["summary"] if s["recipe"] == "infobatch")
+    assert saved["infobatch"]["samples forwarded"] == pytest.approx(100 * (1 - ib["samples_frac"]))
+    for name in R.DEFAULT_RECIPES:
+        assert f'"name":"{name}"' in page
 
 
 def test_cli_quick_counts_are_consistent(quick_run):
-    _, data = quick_run
+    _, _, data = quick_run
     runs = {r["recipe"]: r for r in data["runs"]}
     base, ib, rp = runs["baseline"], runs["infobatch"], runs["random-prune"]
     cfg = data["config"]
     n_train, bs, epochs = round(0.8 * cfg["task_kwargs"]["n_samples"]), cfg["bs"], cfg["epochs"]
     full = (n_train // bs) * bs * epochs  # drop_last
-    assert base["samples"] == base["full_samples"] == full
+    assert base["samples"] == base["full_samples"] == base["backpropagated"] == full
     assert base["steps"] == full // bs
     # InfoBatch: the counter agrees with InfoBatch's own telemetry, and it pruned something.
     ib_tel = ib["telemetry"]["records"]["infobatch"]["samples"][-1]
-    assert ib["samples"] == ib_tel["forwarded_total"] < full
+    assert ib["samples"] == ib_tel["forwarded_total"] == ib["backpropagated"] < full
     assert ib["steps"] == ib["samples"] // bs
     # Random pruning matched InfoBatch's count to within half a batch per pruning epoch.
-    n_prune = math.floor(0.875 * epochs)
-    assert rp["params"]["matched_to"] == "infobatch" and rp["params"]["target_samples"] == ib["samples"]
-    assert abs(rp["samples"] - ib["samples"]) <= n_prune * bs / 2
+    assert rp["params"]["random_prune"]["matched_to"] == "infobatch"
+    assert rp["params"]["random_prune"]["target_samples"] == ib["samples"]
+    assert abs(rp["samples"] - ib["samples"]) <= int(0.875 * epochs) * bs / 2
     assert rp["samples"] == rp["telemetry"]["records"]["random_prune"]["samples"][-1]["forwarded_total"]
     for r in data["runs"]:
         assert 0.0 < r["accuracy"] <= r["best_accuracy"] <= 1.0
-        assert len(r["history"]) == epochs and r["wall_s"] > 0 and r["cpu_s"] > 0 and r["peak_rss_mb"] > 0
+        assert len(r["history"]) == r["epochs_run"] == epochs
+        assert r["wall_s"] > 0 and r["cpu_s"] > 0 and r["peak_mem_mb"] == r["peak_rss_mb"] > 0
+        assert r["throughput"] == pytest.approx(r["samples"] / r["wall_s"])
+        assert r["target_acc"] is None and r["time_to_target_s"] is None
 
 
-RECIPE_NAMES = "valid recipes: baseline, infobatch, random-prune"
-TASK_NAMES = "valid tasks: mnist1d, digits, fashion-mnist, mnist, cifar10"
+# ------------------------------------------------------------------------------------------ bad input
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--recipe", "nosuch"], f"unknown recipe 'nosuch'; {RECIPE_NAMES}"),
-    (["--recipe", "baseline", "--recipe", "infobatch(ratio=2)"],
-     f"unknown recipe 'infobatch(ratio=2)'; {RECIPE_NAMES}"),
-    (["--task", "nosuch"], f"unknown task 'nosuch'; {TASK_NAMES}"),
+    (["--recipe", "nosuch"], "unknown recipe 'nosuch'; valid recipes: baseline, infobatch, random-prune; or "
+                             "components joined by '+': baseline, dashboard"),
+    (["--recipe", "infobatch(ratio=0.3)+dashbord"], "unknown component 'dashbord'"),
+    (["--recipe", "infobatch(ratoi=0.3)"],
+     "does not accept 'ratoi'; it accepts: ratio, delta, momentum, seed"),
+    (["--recipe", "infobatch(ratio=2)"], "ratio must be in [0, 1)"),
+    (["--recipe", "infobatch(ratio=0.3"], "unclosed parenthesis"),
+    (["--recipe", "baseline", "--recipe", "baseline"], "each recipe may appear once; repeated: baseline"),
+    (["--task", "nosuch"],
+     "unknown task 'nosuch'; valid tasks: mnist1d, digits, fashion-mnist, mnist, cifar10, folder:PATH"),
+    (["--task", "digits", "--n-samples", "100"], "--n-samples does not apply to task 'digits'"),
+    (["--target-acc", "85"], "--target-acc is a validation accuracy in (0, 1]"),
+    (["--epochs", "0"], "must be positive integers"),
+    (["--seeds", "1", "1"], "--seeds must be distinct"),
+    (["--model", "cnn"], "model 'cnn' needs image inputs"),
+    (["--import", "no_such_module_xyz"], "--import no_such_module_xyz: ModuleNotFoundError"),
 ])
-def test_cli_unknown_names_exit_2_listing_valid_ones(args, message, tmp_path):
-    proc = _cli("bench", "--quick", "--out", str(tmp_path / "out"), *args)
-    assert proc.returncode == 2
-    assert proc.stderr.startswith("usage: effilab bench")
-    assert message in proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_cli_bad_input_exits_2_with_what_exists(args, message, tmp_path, capsys):
+    rc, out, err = _main(capsys, "--quick", "--out", str(tmp_path / "out"), *args)
+    assert rc == 2, (out, err)
+    assert message in err
+    assert "Traceback" not in err
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_without_command_exits_2():
+def test_cli_usage_error_in_a_fresh_process(tmp_path):
+    proc = _cli("bench", "--quick", "--out", str(tmp_path / "out"), "--recipe", "infobatch(ratoi=0.3)")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("usage: effilab bench") and "does not accept 'ratoi'" in proc.stderr
+    assert "Traceback" not in proc.stderr
     proc = _cli()
     assert proc.returncode == 2 and "bench" in proc.stderr
 
 
-def test_cli_dataset_unavailable_exits_2(tmp_path):
-    # Same loader the command uses; nothing here exists, so the offline lookup must fail cleanly.
-    proc = _cli("bench", "--task", "cifar10", "--quick", "--out", str(tmp_path / "out"),
-                cwd=tmp_path)
-    if proc.returncode == 0:
+def test_cli_dataset_unavailable_exits_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = _main(capsys, "--task", "cifar10", "--quick", "--out", str(tmp_path / "out"))
+    if rc == 0:
         pytest.skip("CIFAR-10 is available on this machine")
-    assert proc.returncode == 2
-    assert "cifar10 not found" in proc.stderr and "download=True" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert rc == 2
+    assert "cifar10 not found" in err and "download=True" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    rc, out, err = _main(capsys, "--task", f"folder:{tmp_path / 'nope'}", "--quick",
+                         "--out", str(tmp_path / "o2"))
+    assert rc == 2 and "image folder" in err and "one subfolder of images per class" in err
 
 
-def test_cli_help_lists_recipes():
-    proc = _cli("bench", "--help")
-    assert proc.returncode == 0
-    for name in R.RECIPES:
-        assert name in proc.stdout
+def test_cli_help_and_list(capsys):
+    rc, out, _ = _main(capsys, "--help")
+    assert rc == 0
+    for word in ("--recipe", "--recipes-file", "--target-acc", "--resume", "--overwrite", "folder:PATH",
+                 "infobatch(ratio=0.3)+dashboard", "[[recipe]]"):
+        assert word in out
+    rc, out, _ = _main(capsys, "--list")
+    assert rc == 0
+    for name in [*R.RECIPES, *all_techniques()]:
+        assert name in out
+    assert "infobatch(ratio=0.5, delta=0.875, momentum=None, seed=None)" in out
 
 
-# ------------------------------------------------------------------------------------------ registry
+# ------------------------------------------------------------------------------------------ output folder
 
 
-def test_registry_has_the_default_recipes():
-    assert list(R.DEFAULT_RECIPES) == ["baseline", "infobatch", "random-prune"]
-    assert set(R.DEFAULT_RECIPES) <= set(R.RECIPES)
-    assert R.get_recipe("random-prune").after == ("infobatch",)
-    with pytest.raises(KeyError, match="valid recipes: baseline, infobatch, random-prune"):
-        R.get_recipe("nosuch")
+def test_cli_refuses_an_output_folder_with_results(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text('{"keep": "me"}')
+    rc, _, err = _main(capsys, *TINY, "--recipe", "baseline", "--out", str(out))
+    assert rc == 2
+    assert f"{out} already holds results (results.json)" in err and "--resume" in err and "--overwrite" in err
+    assert (out / "results.json").read_text() == '{"keep": "me"}'
+    # --overwrite replaces it.
+    rc, stdout, err = _main(capsys, *TINY, "--recipe", "baseline", "--out", str(out), "--overwrite")
+    assert rc == 0, err
+    assert [r["recipe"] for r in _results(out)["runs"]] == ["baseline"]
+    with pytest.raises(bench.OutputExists):
+        bench.run("mnist1d", ["baseline"], epochs=1, task_kwargs={"n_samples": 600}, out=out, progress=None)
 
 
-def test_register_rejects_duplicates_and_run_order_puts_references_first():
-    with pytest.raises(ValueError, match="already registered"):
-        R.register(R.baseline())
-    rp, ib, base = (R.get_recipe(n) for n in ("random-prune", "infobatch", "baseline"))
-    assert [r.name for r in R.run_order([rp, base, ib])] == ["baseline", "infobatch", "random-prune"]
-    assert [r.name for r in R.run_order([rp, base])] == ["random-prune", "baseline"]  # reference absent
-    a, b = R.Recipe("a", after=("b",)), R.Recipe("b", after=("a",))
-    with pytest.raises(ValueError, match="cycle"):
-        R.run_order([a, b])
+def test_resume_refuses_another_config_and_a_missing_campaign(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, _, err = _main(capsys, *TINY, "--recipe", "baseline", "--out", str(out))
+    assert rc == 0, err
+    before = (out / "results.json").read_text()
+    rc, _, err = _main(capsys, "--resume", str(out), "--epochs", "3")
+    assert rc == 2
+    assert f"cannot resume {out}" in err and "epochs: 2 in the results, 3 now" in err
+    assert (out / "results.json").read_text() == before
+    rc, _, err = _main(capsys, "--resume", str(tmp_path / "nothing"))
+    assert rc == 2 and "nothing to resume" in err
+    with pytest.raises(bench.ConfigMismatch, match="lr: 0.01 in the results, 0.02 now"):
+        bench.run("mnist1d", ["baseline"], seeds=[0], epochs=2, bs=64, lr=0.02,
+                  task_kwargs={"n_samples": 600}, out=out, resume=True, progress=None)
 
 
-def test_recipe_factories_and_notes():
-    ctx = R.RunContext(task=None, seed=3, epochs=8, bs=100, lr=1e-2, n_train=1000)
-    assert R.get_recipe("baseline").make_callbacks(ctx) == []
-    (cb,) = R.get_recipe("infobatch").make_callbacks(ctx)
-    assert (type(cb).__name__, cb.ratio, cb.delta, cb.seed) == ("InfoBatch", 0.5, 0.875, 3)
-    assert ctx.notes == {"ratio": 0.5, "delta": 0.875}
-    # Without an InfoBatch run to match: the --fraction option (default 0.3).
-    ctx = R.RunContext(task=None, seed=3, epochs=8, bs=100, lr=1e-2, n_train=1000, options={"fraction": 0.2})
-    (cb,) = R.get_recipe("random-prune").make_callbacks(ctx)
-    assert (type(cb).__name__, cb.fraction, cb.seed) == ("RandomPrune", 0.2, 3)
-    ctx = R.RunContext(task=None, seed=3, epochs=8, bs=100, lr=1e-2, n_train=1000)
-    assert R.get_recipe("random-prune").make_callbacks(ctx)[0].fraction == R.DEFAULT_FRACTION == 0.3
-
-    # With one: the fraction comes from its forwarded total, at its delta.
-    class Ref:
-        samples, params = 6000, {"delta": 0.75}
-
-    ctx = R.RunContext(task=None, seed=3, epochs=8, bs=100, lr=1e-2, n_train=1000, peers={"infobatch": Ref})
-    (cb,) = R.get_recipe("random-prune").make_callbacks(ctx)
-    assert cb.delta == 0.75 and cb.fraction == pytest.approx(R.random_prune_fraction(6000, 1000, 8, 0.75, 100))
-    assert ctx.notes["matched_to"] == "infobatch" and ctx.notes["target_samples"] == 6000
+# ------------------------------------------------------------------------------------------ trouble
 
 
-# ------------------------------------------------------------------------------------------ fraction
+def test_a_failing_run_is_reported_and_the_others_complete(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, stdout, err = _main(capsys, "--import", PLUGIN, *TINY, "--seeds", "0", "1", "--recipe", "baseline",
+                            "--recipe", "baseline+explode(at_epoch=1, seeds=[1])", "--out", str(out))
+    assert rc == 1, err
+    data = _results(out)
+    assert data["status"] == "failed"
+    assert sorted((r["recipe"], r["seed"]) for r in data["runs"]) == [
+        ("baseline", 0), ("baseline", 1), ("baseline+explode(at_epoch=1, seeds=[1])", 0)]
+    (f,) = data["failures"]
+    assert (f["recipe"], f["seed"], f["error_type"]) == \
+        ("baseline+explode(at_epoch=1, seeds=[1])", 1, "RuntimeError")
+    assert "boom" in f["error"] and "Traceback" in f["traceback"] and "plugin.py" in f["traceback"]
+    header, rows = _table(stdout)
+    assert rows["baseline+explode(at_epoch=1, seeds=[1])"][1] == "1/2 (1 failed)"
+    assert "1 run(s) FAILED" in stdout and "seed=1: RuntimeError: Exception occured in `Explode`" in stdout
+    assert "FAILED after" in stdout
+    page = (out / "report.html").read_text()
+    assert "Failed runs (1)" in page and "boom" in page
 
 
-def _random_prune_forwarded(n, fraction, epochs, delta, bs=None, seed=0):
-    """What RandomPrune forwards: its own plans, batched like the training loader (drop_last)."""
-    stop = math.floor(delta * epochs)
-    total = 0
-    for e in range(epochs):
-        k = len(random_plan(n, fraction, e, seed, annealing=e >= stop))
-        total += k if bs is None else (k // bs) * bs
-    return total
+def test_interrupted_campaign_keeps_finished_runs_and_resume_completes_it(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    recipes = ["baseline", "infobatch", "random-prune+interrupt(at_epoch=0)"]
+    args = ["--import", PLUGIN, *TINY, "--seeds", "0", "1", "--out", str(out)]
+    for r in recipes:
+        args += ["--recipe", r]
+    monkeypatch.setenv("EFFILAB_TEST_INTERRUPT", "1")  # Ctrl-C in the third run
+    rc, stdout, err = _main(capsys, *args)
+    assert rc == 130, err
+    assert f"continue with: effilab bench --resume {out}" in err
+    first = _results(out)
+    assert first["status"] == "interrupted"
+    assert [(r["recipe"], r["seed"]) for r in first["runs"]] == [("baseline", 0), ("infobatch", 0)]
+    assert first["failures"] == []
+    assert "interrupted" in (out / "report.html").read_text()
+
+    monkeypatch.delenv("EFFILAB_TEST_INTERRUPT")
+    rc, stdout, err = _main(capsys, "--import", PLUGIN, "--resume", str(out))  # the rest from results.json
+    assert rc == 0, err
+    assert f"resuming {out}: 2 of 6 runs done, 4 to go" in stdout
+    assert [ln.split(":")[0] for ln in stdout.splitlines() if ln.startswith("[")] == [
+        "[3/6] random-prune+interrupt(at_epoch=0) seed=0", "[4/6] baseline seed=1", "[5/6] infobatch seed=1",
+        "[6/6] random-prune+interrupt(at_epoch=0) seed=1"]
+    done = _results(out)
+    assert done["status"] == "complete"
+    assert done["runs"][:2] == first["runs"]  # not run again: the same records, timings included
+    assert sorted((r["recipe"], r["seed"]) for r in done["runs"]) == \
+        sorted((r, s) for r in recipes for s in (0, 1))
+    # The resumed random pruning matched the InfoBatch run of the first invocation.
+    rp0 = next(r for r in done["runs"] if r["recipe"] == recipes[2] and r["seed"] == 0)
+    assert rp0["params"]["random_prune"]["target_samples"] == first["runs"][1]["samples"]
+    # Same runs as an uninterrupted campaign: counts and (CPU) accuracies.
+    whole = bench.run("mnist1d", recipes, seeds=[0, 1], epochs=2, bs=64, task_kwargs={"n_samples": 600},
+                      progress=None, threads=1)
+    key = lambda runs: sorted((r["recipe"], r["seed"], r["samples"], r["accuracy"]) for r in runs)
+    assert key(done["runs"]) == key(r.to_dict() for r in whole)
 
 
-def test_random_prune_fraction_by_hand():
-    # N=1000, bs=100, E=8, delta=0.875: epochs 0..6 prune, epoch 7 is full (1000 forwarded).
-    # Target 6000 -> the 7 pruning epochs share 5000 -> 714.3 each -> 7 whole batches -> keep 700.
-    assert R.random_prune_fraction(6000, 1000, 8, 0.875, bs=100) == pytest.approx(0.3)
-    assert _random_prune_forwarded(1000, 0.3, 8, 0.875, bs=100) == 7 * 700 + 1000
-    # Without batching: 5000 / 7 = 714.29 -> keep 714.
-    assert R.random_prune_fraction(6000, 1000, 8, 0.875) == pytest.approx(286 / 1000)
-    # The drop_last remainder: 1050 samples, bs 100 -> a full epoch forwards 1000. Epochs 0, 1 prune
-    # (delta 0.5 of 4). Target 4000 leaves 1000 per pruning epoch, a full epoch's worth: no pruning.
-    assert R.random_prune_fraction(4000, 1050, 4, 0.5, bs=100) == 0.0
-    # Target 3400 leaves 700 per pruning epoch: keep 700 of the 1050 (not 700 of 1000).
-    assert R.random_prune_fraction(3400, 1050, 4, 0.5, bs=100) == pytest.approx((1050 - 700) / 1050)
-    assert _random_prune_forwarded(1050, (1050 - 700) / 1050, 4, 0.5, bs=100) == 3400
-    # delta * epochs < 1: RandomPrune never prunes.
-    assert R.random_prune_fraction(500, 1000, 1, 0.875, bs=100) == 0.0
+def test_ctrl_c_in_a_real_process_saves_the_finished_runs(tmp_path):
+    out = tmp_path / "out"
+    args = ["--n-samples", "2000", "--epochs", "30", "--bs", "64", "--seeds", "0", "1", "2", "--recipe",
+            "baseline", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "effilab", "bench", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if _results(out)["runs"]:
+                    break
+            except (FileNotFoundError, json.JSONDecodeError):
+                pass
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr[-2000:]
+    data = _results(out)
+    assert data["status"] == "interrupted" and 1 <= len(data["runs"]) < 3
+    assert "--resume" in stderr and (out / "report.html").exists()
+    assert _table(stdout)[1]["baseline"][1] == str(len(data["runs"]))
 
 
-@pytest.mark.parametrize("n, epochs, delta, bs", [(1600, 4, 0.875, 64), (8000, 10, 0.875, 128),
-                                                  (999, 7, 0.75, 50), (5000, 16, 0.5, None)])
-def test_random_prune_fraction_matches_infobatch_like_totals(n, epochs, delta, bs):
-    rng = np.random.default_rng(n + epochs)
-    stop = math.floor(delta * epochs)
-    full = n if bs is None else (n // bs) * bs
-    for _ in range(5):
-        # An InfoBatch-like run: epoch 0 full, each pruning epoch keeps 55-95%, annealing epochs full.
-        kept = [n] + [int(n * rng.uniform(0.55, 0.95)) for _ in range(stop - 1)] + [n] * (epochs - stop)
-        target = sum(k if bs is None else (k // bs) * bs for k in kept)
-        frac = R.random_prune_fraction(target, n, epochs, delta, bs)
-        assert 0.0 <= frac < 1.0
-        got = _random_prune_forwarded(n, frac, epochs, delta, bs)
-        tolerance = stop * (bs / 2 if bs else 0.5)
-        assert abs(got - target) <= tolerance, (frac, got, target)
-        assert got == full * (epochs - stop) + stop * ((n - round(frac * n)) // (bs or 1)) * (bs or 1)
+# ------------------------------------------------------------------------------------------ python API
 
 
-# ------------------------------------------------------------------------------------------ determinism
+def test_time_to_accuracy_stops_early_and_records_the_cost():
+    c = bench.run("mnist1d", ["baseline", "infobatch"], seeds=[0], epochs=6, bs=64,
+                  task_kwargs={"n_samples": 1000}, target_acc=0.3, progress=None, threads=1)
+    for r in c:
+        reached = [h["epoch"] for h in r.history if h["accuracy"] >= 0.3]
+        assert r.epochs_run < 6 and r.epochs_run == len(r.history) == reached[0] + 1  # stopped at the first
+        assert r.epoch_to_target == reached[0]
+        assert 0 < r.time_to_target_s <= r.wall_s
+        assert r.samples_to_target == r.samples < r.full_samples
+    header, rows = table_rows(c.summary)
+    assert "time to 30% s (% of baseline)" in header and rows[0][header.index("samples to 30%")] == \
+        f"{c[0].samples:,}"
+    never = bench.run("mnist1d", ["baseline"], seeds=[0], epochs=2, bs=64, task_kwargs={"n_samples": 600},
+                      target_acc=0.99, progress=None, threads=1)
+    (r,) = never
+    assert r.time_to_target_s is None and r.samples_to_target is None and r.epochs_run == 2
+    assert "never (0/1 reached)" in never.table
+
+
+def test_backpropagated_samples_come_from_telemetry():
+    import tests.bench.plugin  # noqa: F401  (registers "halfbp")
+
+    c = bench.run("mnist1d", ["baseline", "baseline+halfbp"], seeds=[0], epochs=2, bs=64,
+                  task_kwargs={"n_samples": 600}, progress=None, threads=1)
+    base, half = c
+    assert base.backpropagated == base.samples
+    assert half.samples == base.samples and half.backpropagated == half.samples // 2
+    header, rows = table_rows(c.summary)
+    col = header.index("samples bwd (% of baseline)")
+    assert [row[col] for row in rows] == [f"{base.samples:,} (100.0%)", f"{half.samples // 2:,} (50.0%)"]
+    # Without such a technique the column is left out.
+    assert "samples bwd (% of baseline)" not in table_rows(bench.summarize(c[:1]))[0]
+
+
+def test_campaign_object_recipes_file_and_image_folder(tmp_path, capsys):
+    from PIL import Image
+
+    # An image folder: 2 classes, 12 tiny images each.
+    rng = np.random.default_rng(0)
+    for label, level in (("dark", 40), ("light", 200)):
+        (tmp_path / "imgs" / label).mkdir(parents=True)
+        for i in range(12):
+            px = np.clip(level + rng.integers(-30, 30, (8, 8, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(px).save(tmp_path / "imgs" / label / f"{i}.png")
+    toml = tmp_path / "campaign.toml"
+    toml.write_text(f'task = "folder:{tmp_path / "imgs"}"\nepochs = 2\nbs = 4\nseeds = [3]\n'
+                    '[[recipe]]\nname = "ib"\ncomponents = ["infobatch(ratio=0.3)"]\n'
+                    '[[recipe]]\ncomponents = ["baseline"]\n')
+    out = tmp_path / "out"
+    rc, stdout, err = _main(capsys, "--recipes-file", str(toml), "--out", str(out), "--model", "mlp")
+    assert rc == 0, err
+    data = _results(out)
+    cfg = data["config"]
+    assert (cfg["task"], cfg["epochs"], cfg["bs"], cfg["seeds"], cfg["model"]) == (
+        f"folder:{tmp_path / 'imgs'}", 2, 4, [3], "mlp")
+    assert [r["name"] for r in cfg["recipes"]] == ["ib", "baseline"]
+    assert cfg["recipes"][0]["components"] == ["infobatch(ratio=0.3)"]
+    assert data["runs"][0]["params"]["infobatch"]["ratio"] == 0.3
+    c = bench.Campaign.load(out)
+    assert [r.recipe for r in c] == ["ib", "baseline"] and c.status == "complete"
+    assert c.table == data["table"] and "<table" in c._repr_html_()
 
 
 def _quick_python_run(seed, recipes=("infobatch", "random-prune")):
@@ -257,16 +428,23 @@ def test_same_seed_same_counts_and_accuracy_and_caller_rng_untouched():
         [r.accuracy for r in other] != [r.accuracy for r in first]
 
 
-def test_summarize_and_table_without_baseline():
+def test_summarize_and_table_without_baseline_and_with_failures():
     mk = lambda recipe, seed, acc, samples, wall: bench.RunResult(
         recipe, seed, "t", 2, 10, 0.1, acc, acc, wall, wall, samples, 1000, samples // 10, None)
     results = [mk("a", 0, 0.5, 800, 2.0), mk("a", 1, 0.7, 600, 4.0), mk("b", 0, 0.9, 1000, 1.0)]
-    rows = bench.summarize(results)
-    assert [r["recipe"] for r in rows] == ["a", "b"]
+    failures = [bench.RunFailure("c", 0, "t", "ValueError", "bad\nthing", "Traceback ...", 0.5)]
+    rows = bench.summarize(results, failures=failures)
+    assert [r["recipe"] for r in rows] == ["a", "b", "c"]
     a = rows[0]
     assert a["accuracy_mean"] == pytest.approx(0.6) and a["accuracy_std"] == pytest.approx(0.1414, abs=1e-4)
-    assert a["samples_frac"] == pytest.approx(0.7) and a["wall_frac"] is None and a["samples_vs"] == "full data"
+    assert a["samples_frac"] == pytest.approx(0.7) and a["wall_frac"] is None
+    assert a["samples_vs"] == "full data"
+    assert rows[2]["n_runs"] == 0 and rows[2]["n_failed"] == 1
+    assert failures[0].message == "ValueError: bad thing"
     table = bench.format_table(rows)
     assert "60.00 ± 14.14" in table and "700 (70.0%)" in table and "3.0 ± 1.4 (—)" in table
+    assert "| c " in table and "0/1 (1 failed)" in table
     rows = bench.summarize(results, reference="b")
     assert rows[0]["wall_frac"] == pytest.approx(3.0) and rows[0]["samples_frac"] == pytest.approx(0.7)
+    assert rows[0]["accuracy_delta"] == pytest.approx(-0.3)
+    assert "-30.00" in bench.format_table(rows)

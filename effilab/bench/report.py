@@ -1,0 +1,195 @@
+"""The campaign report: plotly figures and a self-contained `report.html`, drawn from the results
+(`results.json`'s content) only, so that the report always says what the JSON says.
+
+Figures: accuracy against wall-clock and against training samples forwarded (one point per run, the
+mean per recipe with its std as error bars), and what each recipe saved against the baseline (samples,
+wall-clock, CPU time, optimiser steps, and time to the target accuracy when one was set).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import plotly.graph_objects as go
+import plotly.io as pio
+from plotly.subplots import make_subplots
+
+from .runner import RunFailure, RunResult, table_rows
+
+__all__ = ["figures", "html_table", "report_html", "write_report"]
+
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f",
+           "#bcbd22")
+
+
+def _colors(names: list[str]) -> dict[str, str]:
+    return {n: PALETTE[i % len(PALETTE)] for i, n in enumerate(names)}
+
+
+def _runs(data: Mapping) -> list[RunResult]:
+    return [RunResult.from_dict(r) for r in data.get("runs", []) if r.get("status", "ok") == "ok"]
+
+
+def _order(data: Mapping) -> list[str]:
+    names = [r["recipe"] for r in data.get("summary", [])]
+    return names or list(dict.fromkeys(r["recipe"] for r in data.get("runs", [])))
+
+
+def accuracy_figure(data: Mapping) -> go.Figure:
+    """Accuracy (%) against wall-clock (s) and against samples forwarded: one point per run, the mean
+    per recipe (diamond, ± std both ways)."""
+    runs, names = _runs(data), _order(data)
+    colors = _colors(names)
+    summary = {s["recipe"]: s for s in data.get("summary", [])}
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1,
+                        subplot_titles=("Accuracy vs wall-clock", "Accuracy vs training samples forwarded"))
+    for name in names:
+        rs = [r for r in runs if r.recipe == name]
+        s = summary.get(name, {})
+        if not rs:
+            continue
+        for col, xkey in enumerate(("wall_s", "samples"), start=1):
+            fig.add_trace(go.Scatter(
+                x=[getattr(r, xkey) for r in rs], y=[100 * r.accuracy for r in rs], mode="markers",
+                name=f"{name}: runs", legendgroup=name, showlegend=False,
+                marker={"color": colors[name], "size": 8, "opacity": 0.55},
+                text=[f"{name}, seed {r.seed}" for r in rs],
+                hovertemplate="%{text}<br>%{x:,.1f}<br>accuracy %{y:.2f}%<extra></extra>"), row=1, col=col)
+            fig.add_trace(go.Scatter(
+                x=[s[f"{xkey}_mean"]], y=[100 * s["accuracy_mean"]], mode="markers", name=name,
+                legendgroup=name, showlegend=col == 1,
+                marker={"color": colors[name], "size": 15, "symbol": "diamond",
+                        "line": {"width": 1, "color": "black"}},
+                error_x={"type": "data", "array": [s[f"{xkey}_std"]], "visible": True, "color": colors[name]},
+                error_y={"type": "data", "array": [100 * s["accuracy_std"]], "visible": True,
+                         "color": colors[name]},
+                hovertemplate=f"{html.escape(name)} (mean of {len(rs)})<br>%{{x:,.1f}}<br>"
+                              "accuracy %{y:.2f}%<extra></extra>"), row=1, col=col)
+    target = data.get("config", {}).get("target_acc")
+    if target is not None:
+        for col in (1, 2):
+            fig.add_hline(y=100 * target, line_dash="dash", line_color="gray", row=1, col=col,
+                          annotation_text=f"target {100 * target:g}%", annotation_position="bottom right")
+    fig.update_xaxes(title_text="wall-clock of the fit (s)", row=1, col=1)
+    fig.update_xaxes(title_text="training samples forwarded", row=1, col=2)
+    fig.update_yaxes(title_text="final validation accuracy (%)", row=1, col=1)
+    title = "What each recipe cost, and what it reached (one dot per run; diamonds: mean ± std)"
+    fig.update_layout(template="plotly_white", height=430,
+                      title={"text": title, "x": 0.01, "font": {"size": 15}},
+                      legend={"title": {"text": "recipe"}}, margin={"t": 80, "l": 60, "r": 20, "b": 60})
+    return fig
+
+
+_SAVINGS = (("samples forwarded", "samples_frac"), ("wall-clock", "wall_frac"), ("CPU time", "cpu_frac"),
+            ("optimiser steps", "steps_frac"))
+
+
+def savings_figure(data: Mapping) -> go.Figure:
+    """Bars: what each recipe saved against the baseline, in % (negative: it cost more)."""
+    summary = [s for s in data.get("summary", []) if s.get("n_runs")]
+    ref = next((s.get("reference") for s in summary if s.get("reference")), None)
+    colors = _colors(_order(data))
+    metrics = list(_SAVINGS)
+    if data.get("config", {}).get("target_acc") is not None:
+        metrics.append(("time to target", "time_to_target_frac"))
+    fig = go.Figure()
+    for s in summary:
+        if s["recipe"] == ref:
+            continue
+        xs, ys = [], []
+        for label, key in metrics:
+            frac = s.get(key)
+            if frac is not None:
+                xs.append(label)
+                ys.append(100 * (1 - frac))
+        hover = f"{html.escape(s['recipe'])}<br>%{{x}}: %{{y:.1f}}% saved<extra></extra>"
+        fig.add_trace(go.Bar(x=xs, y=ys, name=s["recipe"], marker_color=colors.get(s["recipe"]),
+                             text=[f"{y:+.0f}%" for y in ys], textposition="outside", hovertemplate=hover))
+    title = (f"Saved against {ref} (%; negative: more than {ref})" if ref
+             else "Saved against full data (%): no baseline recipe in this campaign")
+    if not ref:
+        for s in summary:
+            fig.add_trace(go.Bar(x=["samples forwarded"], y=[100 * (1 - s["samples_frac"])], name=s["recipe"],
+                                 marker_color=colors.get(s["recipe"])))
+    fig.update_layout(template="plotly_white", barmode="group", height=380,
+                      title={"text": title, "x": 0.01, "font": {"size": 15}}, yaxis_title="% saved",
+                      margin={"t": 70, "l": 60, "r": 20, "b": 50}, legend={"title": {"text": "recipe"}})
+    fig.add_hline(y=0, line_color="black", line_width=1)
+    return fig
+
+
+def figures(data: Mapping) -> dict[str, go.Figure]:
+    """The report's figures by name: "accuracy" (against wall-clock and samples) and "savings"."""
+    return {"accuracy": accuracy_figure(data), "savings": savings_figure(data)}
+
+
+def html_table(data: Mapping) -> str:
+    """The summary table as HTML (the same cells as the terminal's table)."""
+    header, rows = table_rows(list(data.get("summary", [])))
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr data-recipe='" + html.escape(row[0], quote=True) + "'>"
+                   + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return ("<table class='effilab-bench-table' style='border-collapse:collapse;font-size:0.9em'>"
+            f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+            "<style>.effilab-bench-table th,.effilab-bench-table td{border:1px solid #ddd;padding:4px 8px;"
+            "text-align:right}.effilab-bench-table td:first-child,.effilab-bench-table th:first-child"
+            "{text-align:left}</style>")
+
+
+def _failures_html(data: Mapping) -> str:
+    failures = [RunFailure.from_dict(f) for f in data.get("failures", [])]
+    if not failures:
+        return ""
+    items = "".join(f"<li class='effilab-failure'><b>{html.escape(f.recipe)}</b> seed {f.seed}: "
+                    f"{html.escape(f.message)}<details><summary>traceback</summary><pre>"
+                    f"{html.escape(f.traceback)}</pre></details></li>" for f in failures)
+    return f"<h3>Failed runs ({len(failures)})</h3><ul>{items}</ul>"
+
+
+def report_html(data: Mapping, title: str | None = None) -> str:
+    """The whole report as one HTML document (plotly.js embedded once: it opens offline)."""
+    cfg = data.get("config", {})
+    title = title or f"effilab bench: {cfg.get('task', '?')}"
+    status = data.get("status", "")
+    notes = {"interrupted": "The campaign was interrupted: these are the runs that finished. Continue it "
+                            "with <code>--resume</code>.",
+             "running": "The campaign is still running: these are the runs finished so far.",
+             "failed": "Some runs failed (below); the table and figures show the runs that finished."}
+    note = notes.get(status, "")
+    parts = [pio.to_html(fig, include_plotlyjs=i == 0, full_html=False, config={"displaylogo": False})
+             for i, fig in enumerate(figures(data).values())]  # plotly.js once, with the first figure
+    keys = ("task", "task_kwargs", "seeds", "epochs", "bs", "lr", "model", "width", "target_acc", "device")
+    settings = {k: cfg.get(k) for k in keys}
+    recipes = "".join(f"<li><b>{html.escape(r['name'])}</b>: "
+                      f"{html.escape(' + '.join(r['components']) or '-')}</li>"
+                      for r in cfg.get("recipes", []))
+    n_runs, n_failed = len(data.get("runs", [])), len(data.get("failures", []))
+    return (
+        "<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title></head>\n<body style='font-family:sans-serif;margin:1em 2em'>\n"
+        f"<h2>{html.escape(title)}</h2>\n"
+        f"<p class='effilab-status' data-status='{html.escape(status)}'>{n_runs} runs finished, {n_failed} "
+        f"failed, in {data.get('total_s', 0):.0f} s. {note}</p>\n"
+        f"{html_table(data)}\n{_failures_html(data)}\n{''.join(parts)}\n"
+        f"<h3>Recipes</h3><ul>{recipes}</ul>\n"
+        f"<h3>Settings</h3><pre>{html.escape(json.dumps(settings, indent=1))}</pre>\n"
+        f"<h3>Machine</h3><pre>{html.escape(json.dumps(data.get('env', {}), indent=1))}</pre>\n"
+        "</body></html>\n")
+
+
+def write_report(data: Mapping, path) -> Path:
+    """Write `report_html(data)` to `path` (through a temporary file: never half-written)."""
+    import os
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(report_html(data), encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

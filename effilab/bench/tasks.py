@@ -1,0 +1,100 @@
+"""Which data a campaign trains on, and the settings each task starts from.
+
+A task is a name of `effilab.datasets.TASKS` (`mnist1d`, `digits`, `fashion-mnist`, `mnist`, `cifar10`)
+or `folder:PATH`, an image folder with one subfolder per class (`effilab.datasets.image_folder`).
+No torch import until a task is loaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["MODELS", "QUICK", "TASK_DEFAULTS", "TASK_NAMES", "TaskError", "load_task", "parse_task",
+           "task_defaults", "task_kwargs"]
+
+# Per task: what a campaign uses when not told otherwise. MNIST-1D's setting is the main job's
+# (3 recipes x 3 seeds: a few minutes on a 2-core CPU); the image tasks are sized for a GPU or patience.
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mnist1d": {"n_samples": 20_000, "epochs": 12, "bs": 128, "lr": 1e-2, "seeds": [0, 1, 2]},
+    "digits": {"epochs": 20, "bs": 64, "lr": 1e-2, "seeds": [0, 1, 2]},
+    "fashion-mnist": {"epochs": 8, "bs": 128, "lr": 1e-2, "seeds": [0, 1, 2]},
+    "mnist": {"epochs": 8, "bs": 128, "lr": 1e-2, "seeds": [0, 1, 2]},
+    "cifar10": {"epochs": 15, "bs": 128, "lr": 1e-2, "seeds": [0, 1, 2]},
+    "folder": {"epochs": 10, "bs": 64, "lr": 1e-2, "seeds": [0, 1, 2]},
+}
+# `--quick`: a smoke test of the whole path (seconds of training), whatever the task.
+QUICK: dict[str, Any] = {"n_samples": 2_000, "epochs": 4, "bs": 64, "lr": 1e-2, "seeds": [0]}
+TASK_NAMES = ("mnist1d", "digits", "fashion-mnist", "mnist", "cifar10")
+# `small`: effilab.datasets.small_model (an MLP for flat inputs, a CNN for images); `mlp` flattens images.
+MODELS = ("small", "mlp", "cnn")
+# How many training samples `n_samples` means for each task.
+_SIZE_ARG = {"mnist1d": "n_samples", "fashion-mnist": "subset", "mnist": "subset", "cifar10": "subset"}
+
+
+class TaskError(ValueError):
+    """An unknown task or an option that does not apply to it."""
+
+
+def _valid() -> str:
+    return f"valid tasks: {', '.join(TASK_NAMES)}, folder:PATH (an image folder, one subfolder per class)"
+
+
+def parse_task(spec: str) -> tuple[str, str | None]:
+    """`(name, path)`: `("mnist1d", None)`, `("folder", "/abs/path")`."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise TaskError(f"unknown task {spec!r}; {_valid()}")
+    text = spec.strip()
+    if text.lower().startswith("folder:"):
+        path = text[len("folder:"):].strip()
+        if not path:
+            raise TaskError(f"task {spec!r}: give the folder, e.g. folder:/data/my-images")
+        return "folder", str(Path(path).expanduser().resolve())
+    name = text.lower().replace("_", "-")
+    if name not in TASK_NAMES:
+        raise TaskError(f"unknown task {spec!r}; {_valid()}")
+    return name, None
+
+
+def task_defaults(name: str, quick: bool = False) -> dict[str, Any]:
+    base = dict(TASK_DEFAULTS[name])
+    if quick:
+        base.update({k: v for k, v in QUICK.items() if k != "n_samples"})
+        if name in _SIZE_ARG:
+            base["n_samples"] = QUICK["n_samples"]
+    return base
+
+
+def task_kwargs(name: str, n_samples: int | None, quick: bool = False) -> dict[str, Any]:
+    """The loader's keyword arguments for `n_samples` training samples (None: the task's default)."""
+    arg = _SIZE_ARG.get(name)
+    if arg is None:
+        if n_samples is not None:
+            raise TaskError(f"--n-samples does not apply to task {name!r} (it applies to "
+                            f"{', '.join(_SIZE_ARG)})")
+        return {}
+    if n_samples is None:
+        n_samples = task_defaults(name, quick).get("n_samples")
+    if n_samples is None:
+        return {}
+    if n_samples < 1:
+        raise TaskError(f"--n-samples must be positive, got {n_samples}")
+    return {arg: int(n_samples)}
+
+
+def load_task(spec: str, **kwargs):
+    """The `TaskData` for a task spec; `DatasetUnavailable` says how to get data that is missing."""
+    from ..datasets import TASKS, DatasetUnavailable, image_folder
+
+    name, path = parse_task(spec)
+    if name != "folder":
+        return TASKS[name](**kwargs)
+    folder = Path(path)
+    if not folder.is_dir():
+        raise DatasetUnavailable(f"image folder {folder} not found: --task folder:PATH needs a folder with "
+                                 "one subfolder of images per class")
+    try:
+        return image_folder(folder, **kwargs)
+    except (FileNotFoundError, OSError) as e:
+        raise DatasetUnavailable(f"image folder {folder}: {e} (--task folder:PATH needs one subfolder of "
+                                 "images per class)") from None
