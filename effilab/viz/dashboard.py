@@ -15,6 +15,8 @@ from .mode import ModeChoice, decide_mode, in_kernel
 
 __all__ = ["Dashboard", "Throttle"]
 
+AUTOSIZE_EVERY_S = 5.0  # how often the live figure is re-fitted to its box's width (see `_autosize`)
+
 
 class Throttle:
     """Lets through at most `max_per_s` calls per second; a forced call always passes (and restarts the
@@ -78,6 +80,7 @@ class Dashboard(Callback):
         self.final_figure = self._fw = self._status = self._progress = self._handle = None
         self._widgets = []
         self._running, self._warned, self._seen, self._key, self._sent = False, False, -1, None, {}
+        self._autosized = float("-inf")
         self._throttle = Throttle(self.max_per_s, self.clock) if hasattr(self, "max_per_s") else None
 
     # `learn.dashboard()` when the Learner already has one: adjust it, return the Learner.
@@ -230,9 +233,9 @@ class Dashboard(Callback):
         if t.version == self._seen or not self._throttle(force):
             return
         self._seen = t.version
-        self._guard("updating the live dashboard", self._redraw, t)
+        self._guard("updating the live dashboard", self._redraw, t, force)
 
-    def _redraw(self, t):
+    def _redraw(self, t, force: bool = False):
         fw = self._fw
         if fw is None:
             return
@@ -255,6 +258,22 @@ class Dashboard(Callback):
             self._status.value = html
         self._progress.value = float(min(1.0, max(0.0, st["pct"] or 0.0)))
         self.n_pushes += 1
+        self._autosize(force)
+
+    def _autosize(self, force: bool) -> None:
+        """Ask the front end to fit the figure to its box's width, at epoch ends and every few seconds.
+
+        plotly >= 6 draws a FigureWidget before the page has laid its box out, so at plotly's default
+        700 px, and never resizes it (plotly.py issue #5208): a relayout with `autosize` makes the view
+        measure its box. Sent again now and then because a view drawn later (plotly.js still loading,
+        the page reloaded) starts at 700 px again. (With `height` in the same relayout, plotly.js would
+        pin the width instead: the height stays, as the box is as tall as the figure.)
+        """
+        now = self.clock()
+        if not force and now - self._autosized < AUTOSIZE_EVERY_S:
+            return
+        self._autosized = now
+        self._fw._send_relayout_msg({"autosize": True})
 
     @staticmethod
     def _status_html(t) -> str:
