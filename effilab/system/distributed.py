@@ -66,7 +66,7 @@ class CPUSafeDistributedDL(DistributedDL):
     def _broadcast(self, t, rank):
         t = torch.as_tensor(t, dtype=torch.int64).to(collective_device())
         dist.broadcast(t, rank)
-        return t.cpu().tolist()
+        return t.cpu().tolist()  # sync-ok: once per epoch, the loader needs host indices
 
 
 def _model_device(model: nn.Module) -> torch.device:

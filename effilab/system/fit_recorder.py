@@ -38,7 +38,7 @@ def planned_schedule(learn, n_points: int = N_PCT) -> tuple[dict, dict]:
         same = np.allclose(values, values[:, -1:], rtol=1e-12, atol=0)
         for g in [n_groups - 1] if same else range(n_groups):
             key = name if same else f"{name}/g{g}"
-            planned[key] = {"pct": pcts, "value": values[:, g].tolist()}
+            planned[key] = {"pct": pcts, "value": values[:, g].tolist()}  # host: numpy, once per fit
             where[key] = (name, g)
     return planned, where
 

@@ -145,7 +145,7 @@ def _round(values: list) -> list:
     ok = np.isfinite(a) & (a != 0)
     mag[ok] = np.floor(np.log10(np.abs(a[ok])))
     scale = 10.0 ** (4 - mag)
-    return (np.round(a * scale) / scale).tolist()
+    return (np.round(a * scale) / scale).tolist()  # host: numpy
 
 
 def _num(v) -> bool:
