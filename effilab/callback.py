@@ -15,7 +15,8 @@ from fastai.torch_core import distrib_barrier
 from .core.distributed import rank
 from .core.telemetry import Telemetry
 
-__all__ = ["EffilabCallback", "load_checkpoint", "per_sample_losses", "save_checkpoint", "telemetry_of"]
+__all__ = ["PER_BATCH_EVENTS", "EffilabCallback", "load_checkpoint", "per_sample_losses", "save_checkpoint",
+           "telemetry_of"]
 
 
 def telemetry_of(learn: Learner) -> Telemetry:
@@ -27,8 +28,20 @@ def telemetry_of(learn: Learner) -> Telemetry:
     return store
 
 
+# Events fastai fires for every batch: a callback without a handler for one should cost nothing there.
+PER_BATCH_EVENTS = frozenset(("before_batch", "after_pred", "after_loss", "before_backward", "after_cancel_backward",
+                              "after_backward", "before_step", "after_step", "after_cancel_batch", "after_batch"))
+
+
 class EffilabCallback(Callback):
     """Base of effilab's callbacks: a telemetry shortcut and a state that checkpoints carry."""
+
+    def __call__(self, event_name):
+        # fastai calls every callback at every event and reads `learn.training` through attribute
+        # delegation (~5 us each): skip the per-batch events this callback has no handler for.
+        if event_name in PER_BATCH_EVENTS and not hasattr(type(self), event_name):
+            return None
+        return super().__call__(event_name)
 
     @property
     def telemetry(self) -> Telemetry:

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-dev-shm-usage"]
-# Environment variables that would choose the dashboard's mode instead of the front end (CI runs with CI=true).
+# Environment variables that would choose the dashboard's mode instead of the front end (CI sets CI=true).
 _MODE_VARS = ("CI", "EFFILAB_DASHBOARD", "VSCODE_PID", "COLAB_RELEASE_TAG", "JPY_SESSION_NAME")
 
 # The graph div of the live dashboard's FigureWidget.

@@ -1,5 +1,5 @@
 """The live dashboard in a real browser: JupyterLab runs `dashboard_live.ipynb` (InfoBatch on MNIST-1D,
-~30 s of training) in headless Chromium, and the page is read while the fit runs and after it.
+~30-40 s of training) in headless Chromium, and the page is read while the fit runs and after it.
 
 Checked in the page: the dashboard's plotly figure is drawn inside its `effilab-dashboard` box with every
 panel's traces, histogram bars of non-zero height, a figure as wide as its box; between two reads the
@@ -20,7 +20,7 @@ from . import lab as L
 
 NOTEBOOK = Path(__file__).with_name("dashboard_live.ipynb")
 ARTIFACTS = L.ROOT / "tests" / "artifacts"
-EPOCHS = 30  # the notebook's default: ~30 s of training at one thread, long enough to read it twice
+EPOCHS = 30  # the notebook's default: ~30-40 s of (paced) training, long enough to read it twice
 
 _missing = L.missing_browser()
 pytestmark = pytest.mark.skipif(_missing is not None, reason=f"real-browser test: {_missing}")
@@ -93,7 +93,8 @@ def test_live_dashboard_draws_and_moves_in_jupyterlab(tmp_path):
 
                 # -- after the fit: the widget's output replaced by the static figure
                 log_path = lab.root / "kernel_log.json"
-                _wait("the notebook to finish", lambda: log_path.exists() and not L.kernel_busy(page), 150, page)
+                _wait("the notebook to finish", lambda: log_path.exists() and not L.kernel_busy(page), 150,
+                      page)
                 timings["done"] = time.monotonic() - t0
                 # Lab renders outputs asynchronously: wait for the figure and the printed summary.
                 end = _wait("the static figure and the summary", lambda: (
