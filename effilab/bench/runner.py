@@ -122,8 +122,20 @@ class _EpochHook(Callback):
         self.on_epoch(self.learn.epoch + 1)
 
 
+class _JsonRecord:
+    """A dataclass that round-trips through `results.json` (unknown keys from other versions are ignored)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping):
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
 @dataclass
-class RunResult:
+class RunResult(_JsonRecord):
     """One fit: its recipe and seed, the accuracies, what it cost, and what its recipe chose (`params`).
 
     `samples` counts the training samples forwarded, `backpropagated` those whose loss reached the
@@ -178,17 +190,9 @@ class RunResult:
     def samples_frac(self) -> float:
         return self.samples / self.full_samples if self.full_samples else math.nan
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> RunResult:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
 
 @dataclass
-class RunFailure:
+class RunFailure(_JsonRecord):
     """A run that raised: which one, the error and its traceback; the campaign went on without it."""
 
     recipe: str
@@ -199,14 +203,6 @@ class RunFailure:
     traceback: str
     wall_s: float
     status: str = "failed"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> RunFailure:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
     @property
     def message(self) -> str:
