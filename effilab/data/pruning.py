@@ -91,6 +91,7 @@ class EpochPruningCallback(EffilabCallback):
         self.seed = int(torch.initial_seed() % 2**63) if seed is None else int(seed)
         self.fit_count = 0
         self.forwarded = 0
+        self.full_total = 0  # what full data would have forwarded over the same epochs
         self.active = False
         self.plan: EpochPlan | None = None
         self.plan_dl: PlanDL | None = None
@@ -132,6 +133,7 @@ class EpochPruningCallback(EffilabCallback):
         full = len(base) * base.bs if base.drop_last else base.n
         self.telemetry.record(self.telemetry_name, "epoch", fit=self.fit_count, total_epochs=self.learn.n_epoch,
                               n_samples=base.n, full_epoch=full, **summary)
+        self.full_total += full
         self.plan_dl = self.learn.dl = PlanDL(base, self.plan.indices.tolist())  # sync-ok: once per epoch
         self.epoch_forwarded = 0
         self.active = True
@@ -150,7 +152,7 @@ class EpochPruningCallback(EffilabCallback):
         self.forwarded += epoch_forwarded - self.epoch_forwarded
         self.telemetry.record(self.telemetry_name, "samples", fit=self.fit_count, epoch=self.learn.epoch,
                               forwarded=epoch_forwarded, forwarded_total=self.forwarded,
-                              full_total=self._full_total())
+                              full_total=self.full_total)
         self._deactivate()
 
     def after_cancel_train(self):
@@ -163,10 +165,6 @@ class EpochPruningCallback(EffilabCallback):
         self._trained = False
 
     # -- helpers
-    def _full_total(self) -> int:
-        recs = self.telemetry.records(self.telemetry_name, "epoch")
-        return sum(r["full_epoch"] for r in recs)
-
     def _deactivate(self):
         self.active = False
         self.plan_dl = None  # never pickle a DataLoader with the Learner
@@ -175,7 +173,9 @@ class EpochPruningCallback(EffilabCallback):
         warnings.warn(f"{type(self).__name__}: {msg}", stacklevel=2)
 
     def state_dict(self) -> dict:
-        return {"seed": self.seed, "fit_count": self.fit_count, "forwarded": self.forwarded}
+        return {"seed": self.seed, "fit_count": self.fit_count, "forwarded": self.forwarded,
+                "full_total": self.full_total}
 
     def load_state_dict(self, state: dict) -> None:
         self.seed, self.fit_count, self.forwarded = state["seed"], state["fit_count"], state["forwarded"]
+        self.full_total = state["full_total"]
