@@ -185,3 +185,54 @@ def make_learner(task, bs: int, seed: int, cbs=(), metrics=(), width: int | None
     dls = task.dataloaders(bs=bs, seed=seed)
     return Learner(dls, small_model(task, width), loss_func=CrossEntropyLossFlat(), metrics=list(metrics),
                    cbs=list(cbs))
+
+
+def add_campaign_args(parser, task: str, epochs: int, n_samples: int | None, width: int | None) -> None:
+    """Options of the recipe-campaign benchmarks (defaults: the published setting)."""
+    parser.add_argument("--task", default=task)
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--n-samples", type=int, default=n_samples, help="training subset (default: all)")
+    parser.add_argument("--width", type=int, default=width, help="the CNN's first-layer channels")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--bs", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    parser.add_argument("--recipes", nargs="+", default=None, help="a subset of the recipes (by name)")
+
+
+def recipe_campaign(name: str, recipes: Sequence[str], args, references: Sequence[str] = ("baseline",),
+                    quick: dict | None = None) -> dict:
+    """Run `recipes` through effilab's bench runner (same model init and data order per seed, the recipes
+    of a seed back to back) and print one summary table per reference recipe present.
+
+    Writes the runner's own folder (`benchmarks/out/<name>/`: results.json after every run, report.html)
+    and `benchmarks/out/<name>.json` with the tables. `--quick` replaces the setting with `quick`.
+    """
+    from effilab.bench import run, summarize
+    from effilab.bench.runner import format_table
+
+    setting = dict(task_kwargs={"subset": args.n_samples} if args.n_samples else {}, epochs=args.epochs,
+                   seeds=args.seeds, width=args.width)
+    if args.quick:
+        setting.update(quick or {})
+        name += "_quick"
+    if args.recipes:
+        unknown = set(args.recipes) - set(recipes)
+        if unknown:
+            raise SystemExit(f"unknown recipes {sorted(unknown)}; this benchmark's recipes: {list(recipes)}")
+        recipes = [r for r in recipes if r in args.recipes]
+    campaign = run(args.task, recipes, bs=args.bs, lr=args.lr, device=args.device, threads=args.threads,
+                   out=OUT_DIR / name, overwrite=True, progress="lines", **setting)
+    tables = {}
+    for ref in references:
+        if any(r.recipe == ref for r in campaign.results):
+            tables[ref] = format_table(summarize(campaign.results, ref, failures=campaign.failures,
+                                                 order=campaign.recipes))
+    for ref, text in tables.items():
+        print(f"\n### vs {ref}\n\n{text}")
+    payload = {"setting": {"task": args.task, "bs": args.bs, "lr": args.lr, **setting},
+               "device": campaign.results[0].device if campaign.results else None,
+               "tables": tables, "summary": campaign.summary,
+               "failures": [f.message for f in campaign.failures]}
+    print(f"\nwrote {write_json(name, payload)} and {campaign.results_path}")
+    return payload
