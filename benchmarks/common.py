@@ -198,6 +198,8 @@ def add_campaign_args(parser, task: str, epochs: int, n_samples: int | None, wid
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     parser.add_argument("--recipes", nargs="+", default=None, help="a subset of the recipes (by name)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the campaign in benchmarks/out/<name>/ with its missing runs")
 
 
 def recipe_campaign(name: str, recipes: Sequence[str], args, references: Sequence[str] = ("baseline",),
@@ -222,7 +224,7 @@ def recipe_campaign(name: str, recipes: Sequence[str], args, references: Sequenc
             raise SystemExit(f"unknown recipes {sorted(unknown)}; this benchmark's recipes: {list(recipes)}")
         recipes = [r for r in recipes if r in args.recipes]
     campaign = run(args.task, recipes, bs=args.bs, lr=args.lr, device=args.device, threads=args.threads,
-                   out=OUT_DIR / name, overwrite=True, progress="lines", **setting)
+                   out=OUT_DIR / name, overwrite=not args.resume, resume=args.resume, progress="lines", **setting)
     tables = {}
     for ref in references:
         if any(r.recipe == ref for r in campaign.results):
