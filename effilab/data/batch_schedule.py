@@ -1,0 +1,102 @@
+"""The base of curricula that reshape each training batch by a schedule of `pct_train` (progressive
+resizing, sequence-length warmup): the planned curve and the actual values as "schedule" telemetry, and
+the work forwarded per epoch relative to the full-size batches."""
+
+from __future__ import annotations
+
+from ..callback import EffilabCallback
+from ..core.curriculum import planned_curve
+
+__all__ = ["BatchScheduleCallback"]
+
+
+class BatchScheduleCallback(EffilabCallback):
+    """Subclasses give `key` (the schedule's name), `unit` (what is counted) and three methods:
+    `full_size(xb, yb)` (the batch's full size, Python ints, no host read), `size_at(pct, full)` (the size
+    at `pct`, whose `value_of` is the schedule's value) and `reshape(xb, yb, size)` -> (xb, yb, units per
+    sample at that size). Training batches only; inactive in validation and `lr_find`."""
+
+    order = -2  # before MixUp/CutMix (order 0): they mix whatever size the batch has by then
+    key = "size"
+    unit = "units"
+
+    def __init__(self):
+        self.forwarded_total = 0  # units forwarded, over every fit (survives a resume)
+        self.full_total = 0  # what the full-size batches would have forwarded
+        self._active = False
+
+    # -- for subclasses
+    def full_size(self, xb, yb):
+        raise NotImplementedError
+
+    def size_at(self, pct: float, full):
+        raise NotImplementedError
+
+    def value_of(self, size) -> int:
+        return size
+
+    def units(self, size) -> int:
+        raise NotImplementedError
+
+    def reshape(self, xb: tuple, yb: tuple, size) -> tuple[tuple, tuple]:
+        raise NotImplementedError
+
+    # -- events
+    def before_fit(self):
+        self._active = not hasattr(self.learn, "lr_finder")
+        self._full, self._last = None, None
+
+    def before_train(self):
+        self._epoch_fwd = self._epoch_full = 0
+
+    def before_batch(self):
+        if not (self._active and self.training):
+            return
+        learn = self.learn
+        full = self.full_size(learn.xb, learn.yb)  # shapes are host ints: no sync
+        if self._full != full:
+            self._full = full
+            self._plan(full)
+        pct = learn.pct_train
+        size = self.size_at(pct, full)
+        learn.xb, learn.yb = self.reshape(learn.xb, learn.yb, size)
+        n = learn.xb[0].shape[0]
+        self._epoch_fwd += n * self.units(size)
+        self._epoch_full += n * self.units(full)
+        value = self.value_of(size)
+        if value != self._last:  # the actual curve: one record per change
+            self._last = value
+            self.telemetry.record("schedule", "step", iter=learn.train_iter, pct=pct, **{self.key: value})
+
+    def after_train(self):
+        if not (self._active and self._full is not None):
+            return
+        self.forwarded_total += self._epoch_fwd
+        self.full_total += self._epoch_full
+        u = self.unit
+        self.telemetry.record(self.telemetry_name, "epoch", epoch=self.learn.epoch, **{
+            self.key: self._last, f"{u}_forwarded": self._epoch_fwd, f"{u}_full": self._epoch_full,
+            "relative": self._epoch_fwd / max(1, self._epoch_full),
+            f"{u}_forwarded_total": self.forwarded_total, f"{u}_full_total": self.full_total})
+        # the epoch's last value at its end, so the drawn step curve reaches the epoch boundary
+        self.telemetry.record("schedule", "step", iter=self.learn.train_iter, pct=self.learn.pct_train,
+                              **{self.key: self._last})
+
+    def after_fit(self):
+        self._active = False
+
+    def _plan(self, full) -> None:
+        tel = self.telemetry
+        curve = planned_curve(lambda p: self.value_of(self.size_at(p, full)))
+        tel.set_meta("schedule", planned=tel.meta("schedule").get("planned", {}) | {self.key: curve})
+        tel.set_meta(self.telemetry_name, full=list(full) if isinstance(full, tuple) else full)
+
+    def planned(self) -> dict | None:
+        """The planned curve this callback wrote (None before its first training batch)."""
+        return self.telemetry.meta("schedule").get("planned", {}).get(self.key)
+
+    def state_dict(self) -> dict:
+        return {"forwarded_total": self.forwarded_total, "full_total": self.full_total}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.forwarded_total, self.full_total = state["forwarded_total"], state["full_total"]
