@@ -44,7 +44,7 @@ class BatchScheduleCallback(EffilabCallback):
     # -- events
     def before_fit(self):
         self._active = not hasattr(self.learn, "lr_finder")
-        self._full, self._last = None, None
+        self._full, self._last, self._step = None, None, None
 
     def before_train(self):
         self._epoch_fwd = self._epoch_full = 0
@@ -64,9 +64,11 @@ class BatchScheduleCallback(EffilabCallback):
         self._epoch_fwd += n * self.units(size)
         self._epoch_full += n * self.units(full)
         value = self.value_of(size)
+        self._step = (learn.train_iter, pct)
         if value != self._last:  # the actual curve: one record per change
             self._last = value
             self.telemetry.record("schedule", "step", iter=learn.train_iter, pct=pct, **{self.key: value})
+            self._step = None
 
     def after_train(self):
         if not (self._active and self._full is not None):
@@ -78,9 +80,9 @@ class BatchScheduleCallback(EffilabCallback):
             self.key: self._last, f"{u}_forwarded": self._epoch_fwd, f"{u}_full": self._epoch_full,
             "relative": self._epoch_fwd / max(1, self._epoch_full),
             f"{u}_forwarded_total": self.forwarded_total, f"{u}_full_total": self.full_total})
-        # the epoch's last value at its end, so the drawn step curve reaches the epoch boundary
-        self.telemetry.record("schedule", "step", iter=self.learn.train_iter, pct=self.learn.pct_train,
-                              **{self.key: self._last})
+        if self._step is not None:  # and the epoch's last batch, so the drawn curve reaches the epoch's end
+            it, pct = self._step
+            self.telemetry.record("schedule", "step", iter=it, pct=pct, **{self.key: self._last})
 
     def after_fit(self):
         self._active = False
