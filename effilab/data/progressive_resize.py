@@ -74,7 +74,7 @@ class ProgressiveResize(BatchScheduleCallback):
     def units(self, size) -> int:
         return int(size[0]) * int(size[1])
 
-    def reshape(self, xb, yb, size):
+    def reshape(self, xb, yb, size, full):
         return (resize_batch(xb[0], size, self.mode), *xb[1:]), yb
 
 

@@ -65,9 +65,7 @@ class SeqLenWarmup(BatchScheduleCallback):
     def units(self, size) -> int:
         return int(size)
 
-    def reshape(self, xb, yb, size):
-        full = self._full
-
+    def reshape(self, xb, yb, size, full):
         def cut(t):
             return truncate_batch(t, size) if t.dim() >= 2 and t.shape[1] == full else t
 

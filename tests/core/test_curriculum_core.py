@@ -5,8 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from effilab.core.curriculum import (easy_plan, pacing_fraction, planned_curve, resize_batch, resized_shape,
-                                     seq_len_at, truncate_batch)
+from effilab.core.curriculum import (
+    easy_plan,
+    pacing_fraction,
+    planned_curve,
+    resize_batch,
+    resized_shape,
+    seq_len_at,
+    truncate_batch,
+)
 
 PCTS = [i / 400 for i in range(401)]
 
