@@ -67,7 +67,6 @@ def test_small_model_for_the_corpus_learns_next_characters(corpus):
     model = D.small_model(small, width=32)
     assert isinstance(model, D.CharTransformer)
     learn = Learner(small.dataloaders(bs=32, seed=0), model, loss_func=CrossEntropyLossFlat(), metrics=accuracy)
-    learn.remove_cb(learn.progress) if hasattr(learn, "progress") else None
     before, _ = learn.validate()
     with learn.no_logging(), learn.no_bar():
         learn.fit_one_cycle(1, 1e-2)
