@@ -20,7 +20,8 @@ class EasyToHard(EpochPruningCallback):
     where `f` grows linearly with the epoch's starting `pct_train` from `start_frac` to 1 at `full_at`
     of the fit. Samples left out keep their last score and come back as the pace widens. The first
     epoch of a run trains on all the data: before it no sample has a loss, and a random subset would
-    leave the unseen samples with no score to rank them by. Validation is never filtered.
+    leave the unseen samples with no score to rank them by. A second `fit` keeps the scores and paces
+    from its first epoch on. Validation is never filtered.
 
     **Paper.** Bengio et al., "Curriculum Learning", ICML 2009 (easy examples first); Kumar, Packer &
     Koller, "Self-Paced Learning for Latent Variable Models", NeurIPS 2010 (the model's own loss decides
