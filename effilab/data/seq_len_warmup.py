@@ -14,7 +14,8 @@ class SeqLenWarmup(BatchScheduleCallback):
 
     **What it does.** Each training batch of token sequences (x, y of shape (N, T), y the next tokens) is
     cut to its first `L` positions, a view on the device (no copy). `L` grows linearly with
-    `learn.pct_train` from `start` tokens to the full `T` by `warmup_frac` of the fit, rounded down to a
+    `learn.pct_train` from `start` tokens (or, for a float `start` < 1, that fraction of `T`) to the full
+    `T` by `warmup_frac` of the fit, rounded down to a
     multiple of `multiple` (never below `start`), then stays `T`. Validation always sees full sequences.
     A schedule of `pct_train`: a shorter fit rescales it, and a resumed run replays it exactly.
 
@@ -43,9 +44,11 @@ class SeqLenWarmup(BatchScheduleCallback):
     telemetry_name = "seq_len_warmup"
     key, unit = "seq_len", "tokens"
 
-    def __init__(self, start: int = 8, warmup_frac: float = 0.3, multiple: int = 8):
-        if not isinstance(start, int) or start < 1:
-            raise ValueError(f"start must be a positive int (the first sequence length, in tokens), got {start!r}")
+    def __init__(self, start: int | float = 8, warmup_frac: float = 0.3, multiple: int = 8):
+        if isinstance(start, bool) or not (isinstance(start, int) and start >= 1
+                                           or isinstance(start, float) and 0.0 < start < 1.0):
+            raise ValueError(f"start must be a positive int (the first sequence length, in tokens) or a float in "
+                             f"(0, 1) (a fraction of the full length), got {start!r}")
         if not 0.0 < warmup_frac <= 1.0:
             raise ValueError(f"warmup_frac must be in (0, 1] (the part of the fit that warms up), got {warmup_frac}")
         if not isinstance(multiple, int) or multiple < 1:
@@ -60,7 +63,8 @@ class SeqLenWarmup(BatchScheduleCallback):
         return int(x.shape[1])
 
     def size_at(self, pct, full):
-        return seq_len_at(pct, full, self.start, self.warmup_frac, self.multiple)
+        start = self.start if isinstance(self.start, int) else max(1, round(self.start * full))
+        return seq_len_at(pct, full, start, self.warmup_frac, self.multiple)
 
     def units(self, size) -> int:
         return int(size)

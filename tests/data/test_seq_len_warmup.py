@@ -79,7 +79,14 @@ def test_no_host_sync_in_training_batches(monkeypatch):
     assert [r for batch in spy.per_batch for r in batch] == []
 
 
-@pytest.mark.parametrize("kwargs", [{"start": 0}, {"start": 4.0}, {"warmup_frac": 0.0}, {"warmup_frac": 1.5},
+def test_start_as_a_fraction_of_the_full_length():
+    _, lengths = _fit(SeqLenWarmup(start=0.5, warmup_frac=0.5), epochs=2)
+    ts = [t for _, _, t, _ in lengths.train_lengths]
+    assert ts[0] == 16 and ts[-1] == SEQ_LEN and set(ts) == {16, 24, 32}
+
+
+@pytest.mark.parametrize("kwargs", [{"start": 0}, {"start": 4.0}, {"start": True}, {"start": 0.0},
+                                    {"warmup_frac": 0.0}, {"warmup_frac": 1.5},
                                     {"multiple": 0}])
 def test_bad_parameters(kwargs):
     with pytest.raises(ValueError):
