@@ -29,7 +29,8 @@ class EasyToHard(EpochPruningCallback):
     and little compute; on clean data expect about the same accuracy for fewer samples forwarded.
 
     **Defaults.** `start_frac=0.3`, `full_at=0.5`: the second half of the fit uses all the data. With
-    E epochs, roughly `(1 - full_at * (1 - start_frac) / 2)` of the samples are forwarded.
+    E epochs, roughly `1 - full_at * (1 - start_frac) / 2` of the samples are forwarded (0.825 at the
+    defaults for many epochs; 0.86 for 10 epochs, as the first epoch uses everything).
 
     **Use.** `Learner(dls, model, loss_func=CrossEntropyLossFlat(), cbs=EasyToHard())` with fastai
     DataLoaders over an indexable training set; `momentum` switches the score to an EMA of the loss.

@@ -26,8 +26,9 @@ class ProgressiveResize(BatchScheduleCallback):
     Small images cost roughly `scale**2` of the compute per sample in convolutional layers.
 
     **Defaults.** `start=0.5`, `finetune_frac=0.2` (Composer's), `multiple=4`, `mode="bilinear"` (no
-    antialias: cheap; `"area"` averages pixels for stronger down-scaling). Expect ~40-50% of the pixels
-    forwarded at these defaults and a small accuracy change that the final full-size epochs mostly recover.
+    antialias: cheap; `"area"` averages pixels for stronger down-scaling). At these defaults the fit
+    forwards about 2/3 of the full-resolution pixels (0.8 * mean of scale**2 over the ramp + 0.2 = 0.667)
+    and, by Composer's and fast.ai's reports, about the same accuracy: the full-size end recovers it.
 
     **Use.** `Learner(dls, model, cbs=ProgressiveResize())` with a model that accepts any input size
     (global pooling before the head, e.g. `effilab.datasets.small_model`, timm/torchvision CNNs).
