@@ -32,6 +32,19 @@ def test_registry_is_not_empty():
     assert {"infobatch", "random_prune"} <= set(NAMES)
 
 
+def test_a_technique_names_a_known_kind_of_learner():
+    from effilab.registry import TASK_KINDS, register
+
+    assert {TECHNIQUES[n].task for n in NAMES} <= set(TASK_KINDS)
+    with pytest.raises(ValueError, match="task must be one of"):
+        register("no_such_technique", lambda: None, "data", task="video")
+    for task in TASK_KINDS:  # each kind's learner predicts its own example input
+        learn = make_learner(task=task, n=64)
+        with torch.no_grad():
+            out = learn.model.eval()(example_input(task))
+        assert out.shape[0] == 3 and out.shape[-1] in (4, 128)
+
+
 class _CpuBf16(Callback):
     """Mixed precision on the CPU (fastai's MixedPrecision targets CUDA): bf16 autocast around the forward."""
 
