@@ -12,6 +12,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "InfoBatch": "effilab.data.infobatch",
     "RandomPrune": "effilab.data.infobatch",
+    "ProgressiveResize": "effilab.data.progressive_resize",
+    "SeqLenWarmup": "effilab.data.seq_len_warmup",
+    "EasyToHard": "effilab.data.easy_to_hard",
     "Telemetry": "effilab.core.telemetry",
     "InfoBatchPruner": "effilab.core.infobatch",
     "InfoBatchSampler": "effilab.core.infobatch",

@@ -28,6 +28,9 @@ __all__ = [
     "DatasetUnavailable",
     "TaskData",
     "TASKS",
+    "CharTransformer",
+    "TokenWindows",
+    "char_transformer",
     "cifar10",
     "digits",
     "fashion_mnist",
@@ -35,6 +38,7 @@ __all__ = [
     "image_folder",
     "mnist",
     "mnist1d",
+    "pysource",
     "read_idx",
     "small_model",
 ]
@@ -125,6 +129,7 @@ class TaskData:
     input_shape: tuple[int, ...]
     name: str
     classes: tuple[str, ...] | None = None
+    kind: str = "classification"  # or "language_model": x and y are (seq_len,) int64 tokens, y shifted by one
 
     def dataloaders(self, bs: int = 128, num_workers: int = 0, device=None, seed: int | None = None):
         """fastai `DataLoaders`: shuffled train (drop_last) and ordered valid at twice the batch size.
@@ -465,6 +470,82 @@ def image_folder(path: str | os.PathLike, size: int = 32, valid_pct: float = 0.2
                     tuple(folder.classes))
 
 
+# ---- Python source (character-level language model)
+
+
+class TokenWindows(Dataset):
+    """Consecutive windows of a token stream: item `i` is `(x, y)`, both `(seq_len,)` int64, with `y` the
+    tokens that follow `x` by one position (next-token targets)."""
+
+    n_inp = 1
+
+    def __init__(self, tokens: torch.Tensor, seq_len: int):
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be at least 1, got {seq_len}")
+        self.tokens, self.seq_len = tokens, int(seq_len)
+
+    def __len__(self) -> int:
+        return max(0, (len(self.tokens) - 1) // self.seq_len)
+
+    def __getitem__(self, i):
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"window {i} out of range for {len(self)} windows")
+        start = (i % len(self)) * self.seq_len
+        chunk = self.tokens[start:start + self.seq_len + 1]
+        return chunk[:-1], chunk[1:]
+
+    def new_empty(self) -> TokenWindows:
+        return TokenWindows(self.tokens[:0], self.seq_len)
+
+    def __repr__(self) -> str:
+        return f"TokenWindows(n={len(self)}, seq_len={self.seq_len})"
+
+
+PYSOURCE_VOCAB = 128  # ASCII; any other byte becomes "?"
+
+
+def _stdlib_source_files() -> list[Path]:
+    """The standard library's own `.py` files in a fixed order (sorted relative paths), without installed
+    packages and without the standard library's test suite (large, repetitive data files)."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "__pycache__"}
+    files = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in skip]  # prune: installed packages can be large
+        files += [Path(folder, n) for n in names if n.endswith(".py")]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def pysource(seq_len: int = 128, max_bytes: int = 2_000_000, valid_frac: float = 0.1) -> TaskData:
+    """A character-level language model on the Python standard library's own `.py` sources (offline).
+
+    The files are read in sorted order and concatenated until `max_bytes`; bytes are ASCII token ids
+    0..127 (others become "?"). The first `1 - valid_frac` of the stream trains, the rest validates; items
+    are non-overlapping `(x, y)` windows of `seq_len` tokens with `y` shifted by one. `n_classes` is the
+    vocabulary size. The corpus is fixed for a given Python installation (its version decides the files).
+    """
+    if max_bytes < 2 * (seq_len + 1):
+        raise ValueError(f"max_bytes={max_bytes} is too small for windows of seq_len={seq_len}")
+    _check_frac(valid_frac, "valid_frac")
+    parts, total = [], 0
+    for path in _stdlib_source_files():
+        data = path.read_bytes() + b"\n"
+        parts.append(data[:max_bytes - total])
+        total += len(parts[-1])
+        if total >= max_bytes:
+            break
+    if not parts:
+        raise DatasetUnavailable("pysource: no .py files found in the Python standard library")
+    raw = np.frombuffer(b"".join(parts), dtype=np.uint8)
+    tokens = torch.from_numpy(np.where(raw < PYSOURCE_VOCAB, raw, ord("?")).astype(np.int64))
+    n_train = len(tokens) - max(seq_len + 1, round(len(tokens) * valid_frac))
+    train, valid = TokenWindows(tokens[:n_train], seq_len), TokenWindows(tokens[n_train:], seq_len)
+    classes = tuple(chr(i) for i in range(PYSOURCE_VOCAB))
+    return TaskData(train, valid, PYSOURCE_VOCAB, (seq_len,), "pysource", classes, kind="language_model")
+
+
 # ---- registry
 
 
@@ -474,6 +555,7 @@ TASKS: dict[str, Callable[..., TaskData]] = {
     "fashion-mnist": fashion_mnist,
     "mnist": mnist,
     "cifar10": cifar10,
+    "pysource": pysource,
 }
 
 
@@ -496,13 +578,67 @@ def _conv_bn(c_in: int, c_out: int, stride: int) -> nn.Sequential:
     )
 
 
-def small_model(task: TaskData, width: int | None = None) -> nn.Module:
-    """A small baseline for `task`: an MLP for flat inputs, a 3-conv BatchNorm CNN for images.
+class CharTransformer(nn.Module):
+    """A small decoder-only transformer: token + learned position embeddings, pre-norm blocks of causal
+    `scaled_dot_product_attention` and a GELU MLP, tied output head. Input (N, T) int64 with
+    T <= `max_len`; output logits (N, T, vocab)."""
 
-    `width` is the hidden size of the MLP (default 256) or the first conv's channels (default 32,
-    doubled at each stride-2 conv).
+    def __init__(self, vocab: int, d_model: int = 128, n_layer: int = 2, n_head: int = 4, max_len: int = 256,
+                 dropout: float = 0.0):
+        super().__init__()
+        if d_model % n_head:
+            raise ValueError(f"d_model ({d_model}) must be a multiple of n_head ({n_head})")
+        self.n_head, self.max_len = n_head, max_len
+        self.tok, self.pos = nn.Embedding(vocab, d_model), nn.Embedding(max_len, d_model)
+        self.blocks = nn.ModuleList(_Block(d_model, n_head, dropout) for _ in range(n_layer))
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab, bias=False)
+        self.head.weight = self.tok.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[1]
+        if t > self.max_len:
+            raise ValueError(f"sequence length {t} exceeds max_len={self.max_len}")
+        h = self.tok(x) + self.pos.weight[:t]
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.norm(h))
+
+
+class _Block(nn.Module):
+    def __init__(self, d_model: int, n_head: int, dropout: float):
+        super().__init__()
+        self.n_head, self.dropout = n_head, dropout
+        self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.qkv, self.proj = nn.Linear(d_model, 3 * d_model), nn.Linear(d_model, d_model)
+        self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model),
+                                 nn.Dropout(dropout))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        n, t, d = h.shape
+        q, k, v = self.qkv(self.norm1(h)).view(n, t, 3, self.n_head, d // self.n_head).permute(2, 0, 3, 1, 4)
+        a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                       dropout_p=self.dropout if self.training else 0.0)
+        h = h + self.proj(a.transpose(1, 2).reshape(n, t, d))
+        return h + self.mlp(self.norm2(h))
+
+
+def char_transformer(vocab: int, d_model: int = 128, n_layer: int = 2, n_head: int = 4, max_len: int = 256,
+                     dropout: float = 0.0) -> CharTransformer:
+    """A small causal transformer language model over `vocab` tokens (see `CharTransformer`)."""
+    return CharTransformer(vocab, d_model, n_layer, n_head, max_len, dropout)
+
+
+def small_model(task: TaskData, width: int | None = None) -> nn.Module:
+    """A small baseline for `task`: an MLP for flat inputs, a 3-conv BatchNorm CNN for images, a 2-layer
+    causal transformer for language models.
+
+    `width` is the hidden size of the MLP (default 256), the first conv's channels (default 32,
+    doubled at each stride-2 conv) or the transformer's width (default 128).
     """
     shape = tuple(task.input_shape)
+    if task.kind == "language_model":
+        return char_transformer(task.n_classes, d_model=width or 128, max_len=shape[0])
     if len(shape) == 3:
         c, h, w = shape
         width = width or 32

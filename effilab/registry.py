@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import import_module
 
-__all__ = ["Technique", "TECHNIQUES", "all_techniques", "register"]
+__all__ = ["TASK_KINDS", "Technique", "TECHNIQUES", "all_techniques", "register"]
 
 # The category packages whose import registers their techniques.
 _CATEGORIES = ("effilab.data", "effilab.model", "effilab.optim", "effilab.budget", "effilab.system",
@@ -17,21 +17,27 @@ _CATEGORIES = ("effilab.data", "effilab.model", "effilab.optim", "effilab.budget
 @dataclass(frozen=True)
 class Technique:
     """`make()` returns a fresh callback with small test-friendly settings; `stateful` techniques are
-    also checked under two-process DDP and must round-trip their state through checkpoints."""
+    also checked under two-process DDP and must round-trip their state through checkpoints. `task` names the
+    kind of learner the generic suite trains with it: "tabular" (12-dim MLP), "image" (1x16x16 images
+    and a CNN) or "sequence" (a character language model)."""
 
     name: str
     make: Callable
     category: str
     stateful: bool = False
+    task: str = "tabular"
 
 
+TASK_KINDS = ("tabular", "image", "sequence")
 TECHNIQUES: dict[str, Technique] = {}
 
 
-def register(name: str, make: Callable, category: str, stateful: bool = False) -> None:
+def register(name: str, make: Callable, category: str, stateful: bool = False, task: str = "tabular") -> None:
     if name in TECHNIQUES and TECHNIQUES[name].make is not make:
         raise ValueError(f"technique {name!r} is already registered")
-    TECHNIQUES[name] = Technique(name, make, category, stateful)
+    if task not in TASK_KINDS:
+        raise ValueError(f"technique {name!r}: task must be one of {TASK_KINDS}, got {task!r}")
+    TECHNIQUES[name] = Technique(name, make, category, stateful, task)
 
 
 def all_techniques() -> dict[str, Technique]:

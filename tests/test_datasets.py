@@ -171,7 +171,7 @@ def test_array_dataset_pickles_and_works_under_spawn():
 
 
 def test_get_task():
-    assert set(D.TASKS) == {"mnist1d", "digits", "fashion-mnist", "mnist", "cifar10"}
+    assert set(D.TASKS) == {"mnist1d", "digits", "fashion-mnist", "mnist", "cifar10", "pysource"}
     assert D.get_task("digits", seed=3).name == "digits"
     with pytest.raises(ValueError) as err:
         D.get_task("imagenet")

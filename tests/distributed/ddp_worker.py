@@ -178,7 +178,7 @@ def techniques(rank: int, world: int) -> dict:
         if not tech.stateful:
             continue
         cb = tech.make()
-        learn = make_learner([cb], n=384)
+        learn = make_learner([cb], n=384, task=tech.task)
         with distrib_ctx(learn, cpu=True):
             learn.fit(3, 1e-2)
         tele = learn.telemetry
