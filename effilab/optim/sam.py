@@ -31,7 +31,7 @@ class _SharpnessAware(EffilabCallback):
         self._clear()
 
     def _clear(self):
-        self._params, self._buffers, self._pending, self._autocast = [], [], [], ()
+        self._trainable, self._bn_stats, self._pending, self._autocast = [], [], [], ()
         self._accumulate = None
 
     def before_fit(self):
@@ -43,8 +43,8 @@ class _SharpnessAware(EffilabCallback):
         if not self.active:
             return
         model = self.learn.model
-        self._params = [p for p in model.parameters() if p.requires_grad]
-        self._buffers = batchnorm_buffers(model)
+        self._trainable = [p for p in model.parameters() if p.requires_grad]
+        self._bn_stats = batchnorm_buffers(model)
         self._epoch_start = (self.sam.steps, self.sam.full_steps, self._extra_forward,
                              self._extra_samples)
 
@@ -66,7 +66,7 @@ class _SharpnessAware(EffilabCallback):
         if self.sam.is_full_step():
             self._extra_forward += len(batches)
             self._extra_samples += sum(find_bs(yb) for _, yb, _ in batches)
-        self.sam.step(self._params, lambda: self._second_pass(batches), self._buffers)
+        self.sam.step(self._trainable, lambda: self._second_pass(batches), self._bn_stats)
         self._pending = []
 
     def _second_pass(self, batches):

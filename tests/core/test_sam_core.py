@@ -68,7 +68,8 @@ def test_the_loss_scale_does_not_change_the_perturbation():
         model, x, y = _problem()
         params = list(model.parameters())
         (scale * _loss(model, x, y)).backward()
-        SharpnessAwareGradient(0.05).step(params, lambda: (scale * _loss(model, x, y)).backward())
+        SharpnessAwareGradient(0.05).step(
+            params, lambda scale=scale, model=model, x=x, y=y: (scale * _loss(model, x, y)).backward())
         results.append([p.grad / scale for p in params])
     for a, b in zip(*results):
         assert torch.allclose(a, b, atol=1e-6)
@@ -110,7 +111,7 @@ def test_looksam_reuses_the_sharpness_direction_between_full_steps():
         _loss(model, xs, ys).backward()
         plain = [p.grad.clone() for p in params]
 
-        def closure():
+        def closure(step=step, xs=xs, ys=ys):
             calls.append(step)
             _loss(model, xs, ys).backward()
 
