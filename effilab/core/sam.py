@@ -171,13 +171,15 @@ class SharpnessAwareGradient:
         self._saved = self._plain = None
 
     def state_dict(self) -> dict:
+        # g_v as {"0": tensor, ...}: one entry per parameter, in the order of the parameters passed to `step`
+        gv = self.sharpness_grad
         return {"steps": self.steps, "full_steps": self.full_steps,
-                "sharpness_grad": None if self.sharpness_grad is None else [t.detach().clone()
-                                                                             for t in self.sharpness_grad]}
+                "sharpness_grad": None if gv is None else {str(i): t.detach().clone() for i, t in enumerate(gv)}}
 
     def load_state_dict(self, state: dict) -> None:
         self.steps, self.full_steps = state["steps"], state["full_steps"]
-        self.sharpness_grad = None if state["sharpness_grad"] is None else list(state["sharpness_grad"])
+        gv = state["sharpness_grad"]
+        self.sharpness_grad = None if gv is None else [gv[str(i)] for i in range(len(gv))]
 
 
 def _buffers_like(buffers: list[torch.Tensor] | None, like: list[torch.Tensor]) -> list[torch.Tensor]:
