@@ -12,6 +12,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "InfoBatch": "effilab.data.infobatch",
     "RandomPrune": "effilab.data.infobatch",
+    "SAM": "effilab.optim.sam",
+    "LookSAM": "effilab.optim.sam",
+    "SharpnessAwareGradient": "effilab.core.sam",
     "Telemetry": "effilab.core.telemetry",
     "InfoBatchPruner": "effilab.core.infobatch",
     "InfoBatchSampler": "effilab.core.infobatch",

@@ -38,6 +38,9 @@ class _SharpnessAware(EffilabCallback):
         self.active = not hasattr(self.learn, "lr_finder")
         self._clear()
         self._accumulate = next((cb.n_acc for cb in self.learn.cbs if isinstance(cb, GradientAccumulation)), None)
+        if self.active:
+            self.telemetry.set_meta(self.telemetry_name, rho=self.sam.rho, every=self.sam.every,
+                                    alpha=self.sam.alpha, accumulate=self._accumulate)
 
     def before_train(self):
         if not self.active:
