@@ -218,12 +218,13 @@ def test_cuda_fp16_mixed_precision_trains_and_skips_overflow(cls):
     runs = {}
     for name, cbs in (("plain", []), ("sam", [cls(rho=0.05)])):
         trace = Trace()
-        learn = _cuda_learner([*cbs, MixedPrecision(), InjectInf(at=3), trace], n=256)
+        # A moderate initial scale: no overflow but the injected one (fp16's max is 65504).
+        learn = _cuda_learner([*cbs, MixedPrecision(init_scale=2.0**10), InjectInf(at=3), trace], n=256)
         before = params_of(learn)
         learn.fit(1, 1e-2)
         runs[name] = trace
         assert torch.equal(trace.params[3], trace.params[2])
-        assert not torch.equal(trace.params[-1], before.cuda())
+        assert not torch.equal(trace.params[-1], before.to(trace.params[-1].device))
         assert torch.isfinite(trace.params[-1]).all()
     assert runs["sam"].scales == runs["plain"].scales
     learn = _cuda_learner([cls(rho=0.05), MixedPrecision()])
