@@ -121,7 +121,8 @@ class SAM(_SharpnessAware):
     (g: the batch gradient, ||.||: the L2 norm over all parameters), recomputes the gradient of the
     same batch there (a second forward and backward), puts the weights back exactly (from a saved
     copy) and lets the optimizer step with that second gradient. It seeks weights whose whole
-    neighbourhood has a low loss (flat minima), which tends to generalise better. Costs ~2x per step.
+    neighbourhood has a low loss (flat minima), which tends to generalise better. Costs ~2x per step
+    and one copy of the weights in memory (LookSAM: also a copy of the gradient and g_v).
 
     **Paper.** Foret et al., "Sharpness-Aware Minimization for Efficiently Improving Generalization",
     ICLR 2021, arXiv 2010.01412: lower test error than the same training without SAM for every
@@ -144,9 +145,9 @@ class SAM(_SharpnessAware):
     InfoBatch's weighting) see the current batch's state, exact only without accumulation; InfoBatch's
     scores then hold the losses of the second pass (at w + e). Batch-norm running statistics are saved
     and restored around the second forward (a SAM step counts its batch once). `GradientClip` (after it)
-    clips the SAM gradient. Under DDP both backwards all-reduce, so every rank uses the same global
-    norm. Works with a second `fit`, `save_checkpoint`/`load_checkpoint`, `export`. Inactive during
-    `lr_find`.
+    clips the SAM gradient. Under DDP both backwards all-reduce, so every rank uses the same global norm
+    (SAM on the global batch, not the paper's per-device "m-sharpness"). Works with a second `fit`,
+    `save_checkpoint`/`load_checkpoint`, `export`. Inactive during `lr_find`.
 
     **Telemetry** (`learn.telemetry`, source `"sam"`, stream `"epoch"`): `steps`, `full_steps` (with a
     perturbation), `extra_forward` / `extra_backward` (passes on top of plain training: one each per
