@@ -12,6 +12,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "InfoBatch": "effilab.data.infobatch",
     "RandomPrune": "effilab.data.infobatch",
+    "ImportanceSampling": "effilab.data.importance_sampling",
+    "SelectiveBackprop": "effilab.data.selective_backprop",
+    "StaticPrune": "effilab.data.static_prune",
     "Telemetry": "effilab.core.telemetry",
     "InfoBatchPruner": "effilab.core.infobatch",
     "InfoBatchSampler": "effilab.core.infobatch",
