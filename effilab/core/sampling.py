@@ -182,7 +182,7 @@ def stale_selection_plan(scores: torch.Tensor, beta: float, epoch: int, seed: in
 
 def el2n(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """EL2N score per sample: || softmax(pred) - onehot(target) ||_2 (Paul et al. 2021)."""
-    if pred.dim() != 2 or target.dim() != 1 or target.dtype.is_floating_point:
+    if pred.dim() != 2 or pred.shape[1] < 2 or target.dim() != 1 or target.dtype.is_floating_point:
         raise ValueError(f"EL2N needs class logits (n, classes) and integer labels (n,), got {tuple(pred.shape)} "
                          f"and {tuple(target.shape)} {target.dtype}: use score='loss'")
     probs = pred.detach().float().softmax(-1)

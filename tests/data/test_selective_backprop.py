@@ -60,7 +60,7 @@ def test_reported_loss_is_the_whole_batch_mean():
 
         def after_loss(self):
             if self.training:
-                self.pairs.append((float(self.learn.loss), float(sb._full_loss), float(self.learn.loss_grad)))
+                self.pairs.append((float(self.learn.loss), float(sb._full_loss), float(self.learn.loss_grad.detach())))
 
     sb, check = SelectiveBackprop(beta=2.0, seed=0), Check()
     make_learner([sb, check]).fit(1, 1e-2)
