@@ -64,7 +64,7 @@ class StaticPrune(WeightedPlanCallback):
             self._warn(f"the training set changed size ({self.table.n} -> {n_samples} samples): scoring again")
             self.table = self.subset = None
         if self.table is None:
-            self.table = ScoreTable(n_samples, device, initial=float("inf"))
+            self.table = ScoreTable(n_samples, device, initial=-1.0)  # below any loss or EL2N: "unscored"
         self.table.to(device)
         if self.subset is not None:
             self.subset = self.subset.to(device)
@@ -89,6 +89,8 @@ class StaticPrune(WeightedPlanCallback):
     def after_train(self):
         if self.active and self.scoring:
             self.table.sync()  # every rank chooses the same subset
+            scores = self.table.scores
+            self.table.scores = torch.where(scores < 0, scores.max(), scores)  # unscored: kept
             self.subset = hardest(self.table.scores, self.fraction)
         super().after_train()
 

@@ -103,3 +103,12 @@ def test_el2n_needs_class_logits():
     learn.model[-1] = nn.Linear(32, 1)
     with pytest.raises(ValueError, match="score='loss'"):
         learn.fit(1)
+
+
+def test_samples_the_scoring_epoch_left_out_are_kept():
+    sp = StaticPrune(fraction=0.5, score="loss", seed=0)
+    seen = Seen(sp)
+    make_learner([sp, seen], n=500).fit(2, 1e-2)  # 15 batches of 32: 20 samples not forwarded in epoch 0
+    unscored = set(range(500)) - set(seen.epochs[0])
+    assert len(unscored) == 20 and unscored <= set(sp.subset.tolist()) and len(sp.subset) == 250
+    assert (sp.table.scores >= 0).all()
