@@ -120,3 +120,13 @@ def test_resumed_history_is_the_saved_one(tmp_path):
     other = SelectiveBackprop(history=64, seed=0)
     other.load_state_dict(sb.state_dict())
     assert torch.equal(other.history.values, sb.history.values) and other.history.filled == 64
+
+
+def test_frozen_batchnorm_keeps_its_counter():
+    class FreezeBN(Callback):
+        def before_batch(self):
+            self.learn.model[1].eval()
+
+    learn = make_learner([SelectiveBackprop(seed=0), FreezeBN()])
+    learn.fit(1, 1e-2)
+    assert int(learn.model[1].num_batches_tracked) == 0
