@@ -130,3 +130,11 @@ def test_frozen_batchnorm_keeps_its_counter():
     learn = make_learner([SelectiveBackprop(seed=0), FreezeBN()])
     learn.fit(1, 1e-2)
     assert int(learn.model[1].num_batches_tracked) == 0
+
+
+def test_stale_variant_has_no_host_reads_in_training_batches(monkeypatch):
+    spy = HostReadSpy(monkeypatch)
+    learn = make_learner([SelectiveBackprop(stale=True, seed=0), *spy.callbacks()])
+    learn.fit(3, 1e-2)
+    assert 16 < len(spy.per_batch) < 3 * 16
+    assert [r for batch in spy.per_batch for r in batch] == []
