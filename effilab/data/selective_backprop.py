@@ -7,7 +7,7 @@ from fastai.torch_core import find_bs
 from torch import nn
 
 from ..callback import per_sample_losses
-from ..core.distributed import all_reduce_sum
+from ..core.distributed import all_reduce_sum, rank
 from ..core.infobatch import EpochPlan, ScoreTable, _generator, derive_seed, random_plan
 from ..core.sampling import LossHistory, select_exact, select_fixed, stale_selection_plan
 from ..registry import register
@@ -113,7 +113,7 @@ class SelectiveBackprop(WeightedPlanCallback):
                        and m.track_running_stats]
         # Each rank its own stream (different shards), one per (fit, epoch): resumes replay it.
         self._gen = _generator(self.table.device, derive_seed(self.plan_seed, self.learn.epoch),
-                               torch.distributed.get_rank() if torch.distributed.is_initialized() else 0)
+                               rank())
         self._autocast = next((cb.autocast for cb in self.learn.cbs if isinstance(
             getattr(cb, "autocast", None), torch.autocast)), None)
 
