@@ -3,7 +3,8 @@
 A recipe is written as components joined by `+`, each a component name with optional keyword arguments
 (Python literals only): `baseline`, `infobatch(ratio=0.3)+dashboard`, `random-prune(fraction=0.2)`.
 Components are the built-ins `baseline` (no callback), `infobatch`, `random_prune` (matched to the
-campaign's InfoBatch recipe unless given a `fraction`) and every technique of `effilab.registry`, by its
+campaign's InfoBatch recipe unless given a `fraction`), fastai's dataset regularisation `mixup(alpha=0.4)`,
+`cutmix(alpha=1.0)`, `label_smoothing(eps=0.1)`, and every technique of `effilab.registry`, by its
 registry name, built from the technique's class with the arguments given (`-` and `_` are the same in
 names). Add your own with `register_component`; whole recipes in Python with `register`.
 
@@ -639,6 +640,13 @@ register_component("random_prune", "effilab.data.infobatch:RandomPrune",
                    "random pruning; without fraction=, forwards as many samples as the campaign's InfoBatch "
                    f"recipe (match='recipe name' to choose; --fraction, default {DEFAULT_FRACTION}, if none)",
                    "data", build=_random_prune_build, extra=("match",), resolve=_random_prune_resolve)
+
+register_component("mixup", "effilab.bench.regularisation:mixup",
+                   "fastai's MixUp (Zhang et al. 2018): convex combinations of sample pairs", "data")
+register_component("cutmix", "effilab.bench.regularisation:cutmix",
+                   "fastai's CutMix (Yun et al. 2019): a box of one image pasted into another", "data")
+register_component("label_smoothing", "effilab.bench.regularisation:label_smoothing",
+                   "fastai's LabelSmoothingCrossEntropyFlat(eps) as the training loss", "data")
 
 for _name, _text, _description in (
         ("baseline", "baseline", "full data every epoch"),

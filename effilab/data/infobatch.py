@@ -6,15 +6,14 @@ import math
 
 import torch
 
-from ..callback import per_sample_losses
 from ..core.infobatch import EpochPlan, InfoBatchPruner, check_ratio_delta, derive_seed, random_plan
 from ..registry import register
-from .pruning import EpochPruningCallback
+from .pruning import EpochPruningCallback, WeightedLoss, WeightedPlanCallback
 
 __all__ = ["InfoBatch", "RandomPrune"]
 
 
-class InfoBatch(EpochPruningCallback):
+class InfoBatch(WeightedPlanCallback):
     """InfoBatch: lossless training speed-up by unbiased dynamic data pruning.
 
     **What it does.** Keeps each training sample's latest loss as its score. At the start of every
@@ -57,7 +56,6 @@ class InfoBatch(EpochPruningCallback):
         super().__init__(delta, seed)
         self.ratio, self.momentum = ratio, momentum
         self.pruner: InfoBatchPruner | None = None
-        self._reported: torch.Tensor | None = None
         self._warned_nonfinite = 0
 
     def setup(self, n_samples: int) -> None:
@@ -80,16 +78,6 @@ class InfoBatch(EpochPruningCallback):
     def make_plan(self, epoch: int) -> EpochPlan:
         return self.pruner.start_epoch(epoch)
 
-    def before_train(self):
-        super().before_train()
-        if self.active:
-            self.learn.loss_func = _InfoBatchLoss(self.learn.loss_func, self)
-
-    def after_loss(self):
-        if self._reported is not None:
-            self.learn.loss = self._reported
-            self._reported = None
-
     def after_train(self):
         if self.active:
             self.pruner.table.sync()  # every rank ends the epoch with the same scores
@@ -102,14 +90,7 @@ class InfoBatch(EpochPruningCallback):
             self.telemetry.record(self.telemetry_name, "nonfinite", epoch=self.learn.epoch, total=nonfinite)
         super().after_train()
 
-    def _deactivate(self):
-        lf = self.learn.loss_func
-        if isinstance(lf, _InfoBatchLoss):  # also after an interrupted fit
-            self.learn.loss_func = lf.loss_func
-        self._reported = None
-        super()._deactivate()
-
-    def weigh(self, losses: torch.Tensor) -> torch.Tensor:
+    def weigh(self, losses: torch.Tensor, pred=None, *yb) -> torch.Tensor:
         """Record this batch's per-sample losses; return their weights (device ops only)."""
         return self.pruner.weights_of(losses, self.plan_dl.batch_idx)
 
@@ -127,39 +108,7 @@ class InfoBatch(EpochPruningCallback):
         self.pruner.load_state_dict(state["pruner"])
 
 
-class _InfoBatchLoss:
-    """The Learner's loss while InfoBatch trains: per-sample losses -> scores -> weighted reduction.
-
-    Behaves like the wrapped loss (same `reduction`, `activation`, `decodes`, `y_int`), so `MixUp`
-    and `get_preds` work on top of it. Outside InfoBatch's training batches it is the wrapped loss.
-    """
-
-    def __init__(self, loss_func, cb: InfoBatch):
-        self.loss_func, self.cb = loss_func, cb
-        self.reduction = getattr(loss_func, "reduction", "mean")
-        self.y_int = getattr(loss_func, "y_int", False)
-
-    def __call__(self, pred, *yb, **kwargs):
-        cb = self.cb
-        if not (cb.active and cb.training) or cb.plan_dl is None or cb.plan_dl.batch_idx is None:
-            return self.loss_func(pred, *yb, **kwargs)
-        losses = per_sample_losses(self.loss_func, pred, *yb, n=cb.plan_dl.batch_idx.numel())
-        weights = cb.weigh(losses)
-        weighted = losses * weights
-        if self.reduction == "none":
-            return weighted
-        if self.reduction == "sum":
-            return weighted.sum()
-        # Reported loss: the weight-normalised mean estimates the full-data loss (kept samples are
-        # enriched in hard ones); the loss to backpropagate is the plain weighted mean, as in the paper.
-        cb._reported = (weighted.sum() / weights.sum()).detach()
-        return weighted.mean()
-
-    def activation(self, x):
-        return getattr(self.loss_func, "activation", lambda o: o)(x)
-
-    def decodes(self, x):
-        return getattr(self.loss_func, "decodes", lambda o: o)(x)
+_InfoBatchLoss = WeightedLoss  # the former name
 
 
 class RandomPrune(EpochPruningCallback):

@@ -1,5 +1,6 @@
-"""Per-epoch data pruning for the fastai Learner: a training DataLoader that follows an epoch plan, and
-the callback base that InfoBatch and the Random* baseline share."""
+"""Per-epoch data pruning for the fastai Learner: a training DataLoader that follows an epoch plan, the
+callback base that InfoBatch and the Random* baseline share, and the weighted loss of plans with
+per-sample weights (InfoBatch, importance sampling, static pruning)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ from fastai.data.load import DataLoader, _FakeLoader
 from fastai.torch_core import find_bs
 from fastcore.xtras import chunked
 
-from ..callback import EffilabCallback
+from ..callback import EffilabCallback, per_sample_losses
 from ..core.distributed import all_reduce_sum, broadcast_from_rank0
 from ..core.infobatch import EpochPlan
 
-__all__ = ["EpochPruningCallback", "PlanDL"]
+__all__ = ["EpochPruningCallback", "PlanDL", "WeightedLoss", "WeightedPlanCallback"]
 
 
 def _unwrap_distributed(dl):
@@ -179,3 +180,77 @@ class EpochPruningCallback(EffilabCallback):
     def load_state_dict(self, state: dict) -> None:
         self.seed, self.fit_count, self.forwarded = state["seed"], state["fit_count"], state["forwarded"]
         self.full_total = state["full_total"]
+
+
+class WeightedPlanCallback(EpochPruningCallback):
+    """An epoch-plan callback whose training loss is weighted per sample (`WeightedLoss`).
+
+    Subclasses implement `weigh(losses, pred, *yb)`: it sees each training batch's per-sample losses
+    (and the predictions and targets, e.g. for EL2N scores), records what it needs on the device and
+    returns the batch's loss weights. The reported training loss is the weight-normalised mean.
+    """
+
+    def __init__(self, delta: float, seed: int | None):
+        super().__init__(delta, seed)
+        self._reported: torch.Tensor | None = None
+
+    def weigh(self, losses: torch.Tensor, pred, *yb) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def weighs_loss(self) -> bool:
+        """Whether this fit's training batches go through `weigh` (the loss is wrapped)."""
+        return True
+
+    def before_train(self):
+        super().before_train()
+        if self.active and self.weighs_loss:
+            self.learn.loss_func = WeightedLoss(self.learn.loss_func, self)
+
+    def after_loss(self):
+        if self._reported is not None:
+            self.learn.loss = self._reported
+            self._reported = None
+
+    def _deactivate(self):
+        lf = self.learn.loss_func
+        if isinstance(lf, WeightedLoss):  # also after an interrupted fit
+            self.learn.loss_func = lf.loss_func
+        self._reported = None
+        super()._deactivate()
+
+
+class WeightedLoss:
+    """The Learner's loss while a `WeightedPlanCallback` trains: per-sample losses -> the callback's
+    `weigh` -> weighted reduction.
+
+    Behaves like the wrapped loss (same `reduction`, `activation`, `decodes`, `y_int`), so `MixUp`
+    and `get_preds` work on top of it. Outside the callback's training batches it is the wrapped loss.
+    """
+
+    def __init__(self, loss_func, cb: WeightedPlanCallback):
+        self.loss_func, self.cb = loss_func, cb
+        self.reduction = getattr(loss_func, "reduction", "mean")
+        self.y_int = getattr(loss_func, "y_int", False)
+
+    def __call__(self, pred, *yb, **kwargs):
+        cb = self.cb
+        if not (cb.active and cb.training) or cb.plan_dl is None or cb.plan_dl.batch_idx is None:
+            return self.loss_func(pred, *yb, **kwargs)
+        losses = per_sample_losses(self.loss_func, pred, *yb, n=cb.plan_dl.batch_idx.numel())
+        weights = cb.weigh(losses, pred, *yb)
+        weighted = losses * weights
+        if self.reduction == "none":
+            return weighted
+        if self.reduction == "sum":
+            return weighted.sum()
+        # Reported loss: the weight-normalised mean estimates the full-data loss (kept samples are
+        # enriched in hard ones); the loss to backpropagate is the plain weighted mean, as in the paper.
+        cb._reported = (weighted.sum() / weights.sum()).detach()
+        return weighted.mean()
+
+    def activation(self, x):
+        return getattr(self.loss_func, "activation", lambda o: o)(x)
+
+    def decodes(self, x):
+        return getattr(self.loss_func, "decodes", lambda o: o)(x)

@@ -1,0 +1,114 @@
+"""Static data pruning (score once, train on the hardest subset) as a fastai callback."""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.infobatch import EpochPlan, ScoreTable, derive_seed, random_plan
+from ..core.sampling import el2n, hardest, static_plan
+from ..registry import register
+from .pruning import WeightedPlanCallback
+
+__all__ = ["StaticPrune"]
+
+
+class StaticPrune(WeightedPlanCallback):
+    """Static pruning baseline: score every sample once early in training, then keep the hardest.
+
+    **What it does.** Trains the first `score_epoch` epochs on all the data and scores each sample in
+    the last of them (its training loss, or its EL2N score ||softmax(p) - onehot(y)||_2, taken in the
+    training forward pass that sees it). Then it keeps the N - round(`fraction` * N) highest-scoring
+    samples for the rest of training, reshuffled each epoch, with weight 1 (nothing is rescaled: the
+    pruned samples are gone, not down-sampled). The subset is chosen once and kept for later fits.
+
+    **Paper.** Paul, Ganguli & Dziugaite, "Deep Learning on a Data Diet: Finding Important Examples
+    Early in Training", NeurIPS 2021 (EL2N; they score at ~10% of training, averaged over several
+    runs). The static baseline that dynamic pruning (InfoBatch, Qin et al. 2024, Table 1) is compared
+    against.
+
+    **Defaults.** `fraction=0.3` (the pruned share), `score="el2n"`, `score_epoch=1`. Scores taken
+    during the training pass come from a model that changes within the epoch (cheap: no extra pass);
+    a sample left out of that epoch (the loader's dropped last batch) gets the highest score and is
+    kept. Expect a loss of accuracy that grows with `fraction` (the paper: none up to ~30-50% on
+    CIFAR-10 with a well-trained scorer).
+
+    **Use.** `Learner(dls, model, loss_func=CrossEntropyLossFlat(), cbs=StaticPrune(0.3))`;
+    `score="loss"` for any per-sample loss, `"el2n"` for classification logits and integer labels.
+
+    **Interactions.** Like InfoBatch: before `MixUp`/`CutMix`, before the distributed trainer (scores
+    merged across ranks before the subset is chosen), works with `MixedPrecision`, workers, checkpoints.
+    Inactive during `lr_find`.
+
+    **Telemetry** (source `"static_prune"`): per epoch kept / pruned counts, the score histogram split
+    into kept and pruned (after scoring) with the cut-off score (threshold); samples forwarded.
+    """
+
+    telemetry_name = "static_prune"
+
+    def __init__(self, fraction: float = 0.3, score: str = "el2n", score_epoch: int = 1, seed: int | None = None):
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError(f"fraction must be in [0, 1) (the share of the training set pruned), got {fraction}")
+        if score not in ("loss", "el2n"):
+            raise ValueError(f"score must be 'loss' or 'el2n', got {score!r}")
+        if int(score_epoch) != score_epoch or score_epoch < 1:
+            raise ValueError(f"score_epoch must be an integer >= 1 (full-data epochs before pruning), "
+                             f"got {score_epoch}")
+        super().__init__(1.0, seed)
+        self.fraction, self.score, self.score_epoch = fraction, score, int(score_epoch)
+        self.table: ScoreTable | None = None
+        self.subset: torch.Tensor | None = None
+
+    def setup(self, n_samples: int) -> None:
+        device = next(self.learn.model.parameters()).device
+        if self.table is not None and self.table.n != n_samples:
+            self._warn(f"the training set changed size ({self.table.n} -> {n_samples} samples): scoring again")
+            self.table = self.subset = None
+        if self.table is None:
+            self.table = ScoreTable(n_samples, device, initial=-1.0)  # below any loss or EL2N: "unscored"
+        self.table.to(device)
+        if self.subset is not None:
+            self.subset = self.subset.to(device)
+        self.plan_seed = derive_seed(self.seed, self.fit_count)
+
+    @property
+    def scoring(self) -> bool:
+        """This epoch trains on all the data and writes scores."""
+        return self.subset is None and self.learn.epoch == self.score_epoch - 1
+
+    def make_plan(self, epoch: int) -> EpochPlan:
+        if self.subset is None:
+            return random_plan(self.table.n, 0.0, epoch, self.plan_seed, device=self.table.device)
+        return static_plan(self.subset, self.table.scores, epoch, self.plan_seed)
+
+    def weigh(self, losses: torch.Tensor, pred=None, *yb) -> torch.Tensor:
+        if self.scoring:
+            score = losses if self.score == "loss" else el2n(pred, yb[0])
+            self.table.update(self.plan_dl.batch_idx, score)
+        return torch.ones_like(losses)
+
+    def after_train(self):
+        if self.active and self.scoring:
+            self.table.sync()  # every rank chooses the same subset
+            scores = self.table.scores
+            self.table.scores = torch.where(scores < 0, scores.max(), scores)  # unscored: kept
+            self.subset = hardest(self.table.scores, self.fraction)
+        super().after_train()
+
+    def state_dict(self) -> dict:
+        return super().state_dict() | {"table": None if self.table is None else self.table.state_dict(),
+                                       "subset": None if self.subset is None else self.subset.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        table, self.subset = state["table"], state["subset"]
+        self.table = None
+        if table is not None:
+            self.table = ScoreTable(table["scores"].numel(), table["scores"].device)
+            self.table.load_state_dict(table)
+
+
+def _for_tests():
+    return StaticPrune(fraction=0.3, score="el2n", score_epoch=1, seed=0)
+
+
+register("static_prune", _for_tests, "data", stateful=True)
