@@ -230,11 +230,34 @@ def recipe_campaign(name: str, recipes: Sequence[str], args, references: Sequenc
         if any(r.recipe == ref for r in campaign.results):
             tables[ref] = format_table(summarize(campaign.results, ref, failures=campaign.failures,
                                                  order=campaign.recipes))
+    work = work_table(campaign)
+    if work:
+        tables["work"] = work
     for ref, text in tables.items():
-        print(f"\n### vs {ref}\n\n{text}")
+        print(f"\n### {'vs ' + ref if ref != 'work' else 'pixels / tokens forwarded'}\n\n{text}")
     payload = {"setting": {"task": args.task, "bs": args.bs, "lr": args.lr, **setting},
                "device": campaign.results[0].device if campaign.results else None,
                "tables": tables, "summary": campaign.summary,
                "failures": [f.message for f in campaign.failures]}
     print(f"\nwrote {write_json(name, payload)} and {campaign.results_path}")
     return payload
+
+
+def work_table(campaign) -> str:
+    """Per recipe, the work that techniques which shrink each sample (progressive resizing: pixels;
+    sequence-length warmup: tokens) report as forwarded, as a share of full size (telemetry stream
+    "epoch": `<unit>_forwarded_total` / `<unit>_full_total`); empty when no recipe reports any."""
+    shares: dict[str, list[float]] = {}
+    for r in campaign.results:
+        for streams in r.telemetry.get("records", {}).values():
+            last = (streams.get("epoch") or [{}])[-1]
+            for key in last:
+                unit = key.removesuffix("_forwarded_total")
+                if unit != key and last.get(f"{unit}_full_total"):
+                    shares.setdefault(f"{r.recipe}|{unit}", []).append(last[key] / last[f"{unit}_full_total"])
+    rows = []
+    for name, xs in shares.items():
+        recipe, unit = name.split("|")
+        m, sd = mean_std(xs)
+        rows.append([recipe, unit, f"{100 * m:.1f} ± {100 * sd:.1f}%"])
+    return table(["recipe", "unit", "forwarded (% of full size)"], rows) if rows else ""
