@@ -1,0 +1,19 @@
+"""Optimization-centric techniques (survey category 3): how the weights are updated and averaged.
+
+Submodules load on first use (they import fastai).
+"""
+
+from .._lazy import lazy_attributes
+
+# public name -> module that defines it
+_LAZY = {
+    "EMA": "effilab.optim.averaging",
+    "SWA": "effilab.optim.averaging",
+    "LAWA": "effilab.optim.averaging",
+    "WeightAveraging": "effilab.optim.averaging",
+}
+
+__all__ = sorted(_LAZY)
+
+
+__getattr__, __dir__ = lazy_attributes(__name__, globals(), _LAZY)
