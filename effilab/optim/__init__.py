@@ -11,6 +11,8 @@ _LAZY = {
     "SWA": "effilab.optim.averaging",
     "LAWA": "effilab.optim.averaging",
     "WeightAveraging": "effilab.optim.averaging",
+    "BatchSizeSchedule": "effilab.optim.batch_size",
+    "hold_lr_peak": "effilab.optim.batch_size",
 }
 
 __all__ = sorted(_LAZY)
