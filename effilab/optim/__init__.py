@@ -13,6 +13,10 @@ _LAZY = {
     "WeightAveraging": "effilab.optim.averaging",
     "BatchSizeSchedule": "effilab.optim.batch_size",
     "hold_lr_peak": "effilab.optim.batch_size",
+    "LambOptimizer": "effilab.optim.large_batch",
+    "LarsOptimizer": "effilab.optim.large_batch",
+    "LinearScaling": "effilab.optim.large_batch",
+    "UseOptimizer": "effilab.optim.large_batch",
 }
 
 __all__ = sorted(_LAZY)
