@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import random
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -45,7 +46,9 @@ class WeightAveraging(EffilabCallback):
     and the average is `cb.averaged_model`.
 
     Each new fit starts a fresh average; a fit resumed with `start_epoch > 0` after `load_checkpoint`
-    continues the loaded one.
+    continues the loaded one. With several averaging callbacks on one Learner, only the first (by order,
+    then position) swaps its average in for validation and at the end; the others average and report
+    their snapshot counts only (a warning says so).
     """
 
     order = 60  # after the Recorder (50): its values for the epoch are the averaged model's validation
@@ -61,6 +64,7 @@ class WeightAveraging(EffilabCallback):
         self._in_epoch = False  # this epoch trained (not skipped by a resume, not lr_find, not validate())
         self._validated_avg = False
         self._raw: dict | None = None
+        self._leads = True
 
     # -- for subclasses
     def make_averager(self, model) -> WeightAverager:
@@ -101,6 +105,11 @@ class WeightAveraging(EffilabCallback):
     # -- events
     def before_fit(self):
         self._fitting = self._in_epoch = False
+        first = next(cb for cb in self.learn.cbs.sorted("order") if isinstance(cb, WeightAveraging))
+        if first is not self and self._leads:
+            warnings.warn(f"{type(self).__name__}: {type(first).__name__} on the same Learner validates and keeps "
+                          f"its average; {type(self).__name__} only averages (see cb.averaged_model)", stacklevel=2)
+        self._leads = first is self
 
     def before_train(self):
         if hasattr(self.learn, "lr_finder"):
@@ -122,7 +131,7 @@ class WeightAveraging(EffilabCallback):
 
     def before_validate(self):
         self._validated_avg, self._raw = False, None
-        if not self._in_epoch or self.averager is None or self.averager.n_averaged == 0:
+        if not (self._leads and self._in_epoch) or self.averager is None or self.averager.n_averaged == 0:
             return
         if self.validate_raw:
             self._raw = self._evaluate_raw()
@@ -154,7 +163,7 @@ class WeightAveraging(EffilabCallback):
             return
         self._fitting = self._in_epoch = False
         self.fit_count += 1
-        if self.swap_at_end and self.averager.n_averaged and not self.swapped:
+        if self._leads and self.swap_at_end and self.averager.n_averaged and not self.swapped:
             self.prepare_average()
             self._swap_in()
 

@@ -31,6 +31,19 @@ class Snapshots(Callback):
         self.epochs.append([t.clone() for t in model_tensors(self.learn.model)])
 
 
+class FirstBatch(Callback):
+    """The model's weights at the first training batch of each fit."""
+
+    order = 61
+
+    def before_fit(self):
+        self.seen = None
+
+    def before_batch(self):
+        if self.training and self.seen is None:
+            self.seen = [t.clone() for t in model_tensors(self.learn.model)]
+
+
 def _close(got, want, atol=1e-6):
     return all(torch.allclose(a.float(), b.float(), atol=atol) for a, b in zip(got, want))
 
@@ -106,16 +119,6 @@ def test_validation_reports_the_averaged_model_and_telemetry_the_raw_one(make):
 def test_swap_at_end_then_a_second_fit_trains_on_from_the_raw_weights():
     cb = EMA(decay=0.9)
 
-    class FirstBatch(Callback):
-        order = 61
-
-        def before_fit(self):
-            self.seen = None
-
-        def before_batch(self):
-            if self.training and self.seen is None:
-                self.seen = [t.clone() for t in model_tensors(self.learn.model)]
-
     spy = FirstBatch()
     learn = make_learner([cb, spy], n=128)
     learn.fit(1, 1e-2)
@@ -162,3 +165,23 @@ def test_bad_parameters():
     for k in (0, 2.5):
         with pytest.raises(ValueError, match="k must"):
             LAWA(k=k)
+
+
+def test_two_averagers_on_one_learner_the_first_swaps_the_other_only_averages():
+    ema, lawa, first = EMA(decay=0.9), LAWA(k=2), FirstBatch()
+    learn = make_learner([ema, lawa, first], n=128)
+    with pytest.warns(UserWarning, match="only averages"):
+        learn.fit(2, 1e-2)
+    assert _close(model_tensors(learn.model), ema.averager.tensors(), atol=0)
+    assert lawa.averager.n_averaged == 2 and not lawa.swapped
+    assert [r["validated"] for r in telemetry_of(learn).records("lawa", "epoch")] == ["raw", "raw"]
+    raw = [t.clone() for t in ema._stash]
+    learn.fit(1, 1e-2)  # trains on from the raw weights, not from either average
+    assert _close(first.seen, raw, atol=0)
+
+
+def test_effilab_exports():
+    import effilab
+    import effilab.optim
+
+    assert effilab.EMA is EMA and effilab.optim.SWA is SWA and effilab.LAWA is LAWA
