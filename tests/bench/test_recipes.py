@@ -67,7 +67,7 @@ def test_parse_never_evaluates(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("nosuch", "unknown component 'nosuch'; components: baseline, dashboard, "),
+    ("nosuch", "unknown component 'nosuch'; components: baseline, "),
     ("infobatch+dashbord", "unknown component 'dashbord' in recipe 'infobatch+dashbord'; components: "),
     ("infobatch(ratoi=0.3)", "does not accept 'ratoi'; it accepts: ratio, delta, momentum, seed"),
     ("baseline(x=1)", "'baseline' in recipe 'baseline(x=1)' does not accept 'x'; it accepts: no arguments"),
