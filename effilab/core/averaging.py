@@ -25,8 +25,8 @@ from torch.optim.swa_utils import AveragedModel, update_bn
 
 from .distributed import collective_device, is_distributed
 
-__all__ = ["EmaAverage", "LawaAverage", "SwaAverage", "WeightAverager", "average_across_ranks", "check_decay",
-           "check_start_frac", "copy_tensors", "ema_decay", "model_tensors", "recompute_bn"]
+__all__ = ["EmaAverage", "LawaAverage", "SwaAverage", "WeightAverager", "average_across_ranks", "broadcast_buffers",
+           "check_decay", "check_start_frac", "copy_tensors", "ema_decay", "model_tensors", "recompute_bn"]
 
 
 def check_decay(decay: float) -> None:
@@ -226,6 +226,20 @@ def average_across_ranks(tensors: list[torch.Tensor]) -> None:
             buf = t.to(dev, copy=True)
             dist.all_reduce(buf)
             t.copy_(buf / world)
+
+
+def broadcast_buffers(*modules: nn.Module) -> None:
+    """The modules' buffers replaced by rank 0's (in place). DDP broadcasts rank 0's buffers (BatchNorm
+    statistics) at the start of every forward, so between forwards the other ranks hold rank 0's plus
+    their own last batch; this is what the next forward would do. Collective; nothing in one process."""
+    if not is_distributed():
+        return
+    dev = collective_device()
+    for module in modules:
+        for b in module.buffers():
+            buf = b.detach().to(dev, copy=True)
+            dist.broadcast(buf, 0)
+            b.detach().copy_(buf)
 
 
 def recompute_bn(model: nn.Module, inputs: Iterable[torch.Tensor], device=None) -> bool:

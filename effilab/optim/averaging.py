@@ -16,6 +16,7 @@ from ..core.averaging import (
     LawaAverage,
     SwaAverage,
     WeightAverager,
+    broadcast_buffers,
     check_decay,
     check_start_frac,
     copy_tensors,
@@ -23,6 +24,7 @@ from ..core.averaging import (
     recompute_bn,
 )
 from ..core.distributed import collective_device, is_distributed
+from ..data.pruning import _unwrap_distributed
 from ..registry import register
 
 __all__ = ["EMA", "LAWA", "SWA", "WeightAveraging"]
@@ -127,6 +129,9 @@ class WeightAveraging(EffilabCallback):
 
     def after_train(self):
         if self._in_epoch:
+            # Under DDP, BatchNorm statistics differ between ranks until the next forward: rank 0's
+            # everywhere, as DDP's next forward would make them, so every rank averages the same.
+            broadcast_buffers(self.model, self.averager.module)
             self.epoch_trained()
 
     def before_validate(self):
@@ -190,7 +195,8 @@ class WeightAveraging(EffilabCallback):
         loss_sum = correct = None
         count = 0
         with _rng_untouched():
-            for b in self.learn.dls.valid:
+            # The whole validation set on every rank under DDP (the same numbers everywhere).
+            for b in _unwrap_distributed(self.learn.dls.valid):
                 xb, yb = b[:n_inp], b[n_inp:]
                 pred = model(*xb)
                 n = len(yb[0]) if yb else len(pred)
@@ -215,7 +221,9 @@ class WeightAveraging(EffilabCallback):
             raise TypeError(f"{type(self).__name__} recomputes BatchNorm statistics with a model of one input; "
                             f"this Learner's model takes {n_inp}")
         with _rng_untouched():
-            dl = self.learn.dls.train.new(shuffle=False, drop_last=False)
+            # Under DDP the Learner's loaders are wrapped: every rank passes over the whole training set
+            # (the statistics are then averaged over the ranks).
+            dl = _unwrap_distributed(self.learn.dls.train).new(shuffle=False, drop_last=False)
             for b in dl:
                 yield b[0].as_subclass(torch.Tensor)
 

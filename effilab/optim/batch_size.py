@@ -7,6 +7,7 @@ from fastai.callback.schedule import ParamScheduler
 
 from ..callback import EffilabCallback
 from ..core.batch_schedule import HoldPeak, batch_size_at, batch_sizes, check_batch_schedule, planned_curve
+from ..data.pruning import _unwrap_distributed
 from ..registry import register
 
 __all__ = ["BatchSizeSchedule", "hold_lr_peak"]
@@ -71,6 +72,7 @@ class BatchSizeSchedule(EffilabCallback):
         self.fit_count = 0
         self.base_bs: int | None = None  # the loader's own batch size, while a fit runs
         self.bs: int | None = None
+        self._changed: list = []  # the loaders whose batch size this fit sets
 
     def before_fit(self):
         if self.hold_lr and not hasattr(self.learn, "lr_finder"):
@@ -79,10 +81,12 @@ class BatchSizeSchedule(EffilabCallback):
     def before_train(self):
         if hasattr(self.learn, "lr_finder"):
             return
-        dl = self.learn.dls.train
+        wrapper = self.learn.dls.train
+        dl = _unwrap_distributed(wrapper)  # under DDP: the real loader inside fastai's DistributedDL
         n_epoch = self.learn.n_epoch
         if self.base_bs is None:  # the first trained epoch of this fit
             self.base_bs = dl.bs
+            self._changed = list({id(d): d for d in (wrapper, dl)}.values())
             planned = batch_sizes(n_epoch, self.base_bs, self.milestones, self.factor, self.sizes)
             n = getattr(dl, "n", None)
             if dl.drop_last and n is not None and max(planned) > n:
@@ -92,7 +96,8 @@ class BatchSizeSchedule(EffilabCallback):
             tel.set_meta(self.telemetry_name, planned=planned, milestones=list(self.milestones))
             tel.set_meta("schedule", planned=tel.meta("schedule").get("planned", {}) | {"bs": planned_curve(planned)})
         self.bs = batch_size_at(self.learn.epoch, n_epoch, self.base_bs, self.milestones, self.factor, self.sizes)
-        dl.bs = self.bs
+        for d in self._changed:  # DistributedDL batches its shard with its own copy of `bs`
+            d.bs = self.bs
         self.steps = self.cancelled = 0
         self._record_step()
 
@@ -114,8 +119,10 @@ class BatchSizeSchedule(EffilabCallback):
     def after_fit(self):
         if self.base_bs is None:
             return
-        self.learn.dls.train.bs = self.base_bs
+        for d in self._changed:
+            d.bs = self.base_bs
         self.base_bs = self.bs = None
+        self._changed = []
         self.fit_count += 1
 
     def _record_step(self):
@@ -129,4 +136,4 @@ class BatchSizeSchedule(EffilabCallback):
         self.fit_count = state["fit_count"]
 
 
-register("batch_size_schedule", lambda: BatchSizeSchedule(milestones=(0.5,), factor=2), "optim")
+register("batch_size_schedule", lambda: BatchSizeSchedule(milestones=(0.5,), factor=2), "optim", stateful=True)
