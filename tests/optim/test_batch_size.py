@@ -119,3 +119,14 @@ def test_inactive_in_lr_find():
     learn = _indexed_learner([BatchSizeSchedule(milestones=(0.01,), factor=4)])
     learn.lr_find(num_it=5, show_plot=False)
     assert learn.dls.train.bs == 8 and not telemetry_of(learn).records("batch_size_schedule", "epoch")
+
+
+def test_the_dashboard_draws_the_batch_size_schedule():
+    from effilab.viz.figures import cells
+
+    learn = _indexed_learner([BatchSizeSchedule(milestones=(0.5,), factor=4)])
+    learn.fit(2, 1e-2)
+    cell = next(c for c in cells(telemetry_of(learn)) if c.key == "schedule/bs")
+    names = [t["name"] for t in cell.traces]
+    assert names == ["schedule/bs: planned", "schedule/bs: actual"]
+    assert max(cell.traces[1]["y"]) == 32 and min(cell.traces[1]["y"]) == 8
