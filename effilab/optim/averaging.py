@@ -45,7 +45,8 @@ class WeightAveraging(EffilabCallback):
     are copied into the model at the end of the fit, so `learn.save`, `learn.export` and `predict` use
     them; the raw weights stay in the callback (and in its `state_dict`) and come back at the start of
     the next `fit`, which trains on from them. With `swap_at_end=False` the model keeps the raw weights
-    and the average is `cb.averaged_model`.
+    and the average is `cb.averaged_model`. `learn.export` pickles the callbacks too: the exported file
+    also carries the average (and the raw weights after a swap), one or two extra copies of the model.
 
     Each new fit starts a fresh average; a fit resumed with `start_epoch > 0` after `load_checkpoint`
     continues the loaded one. With several averaging callbacks on one Learner, only the first (by order,
@@ -321,7 +322,7 @@ class SWA(WeightAveraging):
 
     **Defaults.** `start_frac=0.75` (the last quarter of the fit). The paper runs the averaging phase at
     a constant or cyclical learning rate (`SWALR`); here the fit's own schedule continues (simple, and
-    with `fit_one_cycle` the tail is annealed): use `fit` / `fit_flat_cos` for a flat tail.
+    with `fit_one_cycle` the tail is annealed): use `fit` for a constant learning rate.
 
     **Use.** `Learner(..., cbs=SWA(start_frac=0.75))`. Costs one forward pass over the training set per
     averaged epoch (for the validation of the average) when the model has BatchNorm layers.
