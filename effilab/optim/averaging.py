@@ -180,8 +180,10 @@ class WeightAveraging(EffilabCallback):
         rec = getattr(self.learn, "recorder", None)
         if rec is None or not rec.values or len(rec.values[-1]) < 2:
             return {}
-        names = [n for n in rec.metric_names[1:-1]][1:]  # drop "epoch", "time", then "train_loss"
-        values = [float(v) for v in rec.values[-1][1:]]  # sync-ok: host floats, once per epoch
+        names = [n for n in rec.metric_names[1:] if n != "time"]  # values hold neither epoch nor time
+        pairs = [(n, v) for n, v in zip(names, rec.values[-1]) if n != "train_loss"]
+        names = [n for n, _ in pairs]
+        values = [float(v) for _, v in pairs]  # sync-ok: host floats, once per epoch
         if is_distributed():
             t = torch.tensor(values, dtype=torch.float64, device=collective_device())
             dist.all_reduce(t)
