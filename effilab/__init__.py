@@ -35,6 +35,13 @@ _LAZY = {
     "MemoryProbe": "effilab.core.probe",
     "ThroughputMeter": "effilab.core.probe",
     "Dashboard": "effilab.viz.dashboard",
+    "EMA": "effilab.optim.averaging",
+    "SWA": "effilab.optim.averaging",
+    "LAWA": "effilab.optim.averaging",
+    "BatchSizeSchedule": "effilab.optim.batch_size",
+    "LambOptimizer": "effilab.optim.large_batch",
+    "LarsOptimizer": "effilab.optim.large_batch",
+    "LinearScaling": "effilab.optim.large_batch",
 }
 
 __all__ = sorted(_LAZY)

@@ -1,6 +1,6 @@
-"""Optimization-centric techniques (survey category 3): how each step uses the gradient.
+"""Optimization-centric techniques (survey category 3): how the weights are updated and averaged.
 
-Submodules load on first use: they import fastai.
+Submodules load on first use (they import fastai).
 """
 
 from .._lazy import lazy_attributes
@@ -9,6 +9,16 @@ from .._lazy import lazy_attributes
 _LAZY = {
     "SAM": "effilab.optim.sam",
     "LookSAM": "effilab.optim.sam",
+    "EMA": "effilab.optim.averaging",
+    "SWA": "effilab.optim.averaging",
+    "LAWA": "effilab.optim.averaging",
+    "WeightAveraging": "effilab.optim.averaging",
+    "BatchSizeSchedule": "effilab.optim.batch_size",
+    "hold_lr_peak": "effilab.optim.batch_size",
+    "LambOptimizer": "effilab.optim.large_batch",
+    "LarsOptimizer": "effilab.optim.large_batch",
+    "LinearScaling": "effilab.optim.large_batch",
+    "UseOptimizer": "effilab.optim.large_batch",
 }
 
 __all__ = sorted(_LAZY)

@@ -251,5 +251,9 @@ def _assert_same_state(a, b, where):
             _assert_same_state(a[k], b[k], f"{where}.{k}")
     elif torch.is_tensor(a):
         assert torch.equal(a, b), where
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_state(x, y, f"{where}[{i}]")
     else:
         assert a == b, where
