@@ -230,11 +230,10 @@ def recipe_campaign(name: str, recipes: Sequence[str], args, references: Sequenc
         if any(r.recipe == ref for r in campaign.results):
             tables[ref] = format_table(summarize(campaign.results, ref, failures=campaign.failures,
                                                  order=campaign.recipes))
-    work = work_table(campaign)
-    if work:
-        tables["work"] = work
+    extra = {"pixels / tokens forwarded": work_table(campaign), "raw vs averaged weights": averaged_table(campaign)}
+    tables |= {k: v for k, v in extra.items() if v}
     for ref, text in tables.items():
-        print(f"\n### {'vs ' + ref if ref != 'work' else 'pixels / tokens forwarded'}\n\n{text}")
+        print(f"\n### {ref if ref in extra else 'vs ' + ref}\n\n{text}")
     payload = {"setting": {"task": args.task, "bs": args.bs, "lr": args.lr, **setting},
                "device": campaign.results[0].device if campaign.results else None,
                "tables": tables, "summary": campaign.summary,
@@ -261,3 +260,22 @@ def work_table(campaign) -> str:
         m, sd = mean_std(xs)
         rows.append([recipe, unit, f"{100 * m:.1f} ± {100 * sd:.1f}%"])
     return table(["recipe", "unit", "forwarded (% of full size)"], rows) if rows else ""
+
+
+def averaged_table(campaign) -> str:
+    """Per recipe that averages weights (telemetry stream "epoch" with `raw_accuracy`): the final
+    accuracy of the averaged weights (what the Recorder validated) and of the raw weights."""
+    pairs: dict[str, list[tuple[float, float]]] = {}
+    for r in campaign.results:
+        for streams in r.telemetry.get("records", {}).values():
+            last = (streams.get("epoch") or [{}])[-1]
+            if "raw_accuracy" in last and "accuracy" in last:
+                pairs.setdefault(r.recipe, []).append((last["accuracy"], last["raw_accuracy"]))
+    rows = []
+    for recipe, xs in pairs.items():
+        avg, raw = mean_std([100 * a for a, _ in xs]), mean_std([100 * b for _, b in xs])
+        gain = mean_std([100 * (a - b) for a, b in xs])
+        rows.append([recipe, f"{avg[0]:.2f} ± {avg[1]:.2f}", f"{raw[0]:.2f} ± {raw[1]:.2f}",
+                     f"{gain[0]:+.2f} ± {gain[1]:.2f}"])
+    return table(["recipe", "averaged weights acc %", "raw weights acc %", "averaged - raw (pts)"],
+                 rows) if rows else ""

@@ -18,11 +18,13 @@ from benchmarks.common import add_campaign_args, add_common_args, apply_threads,
 RECIPES = (
     "baseline",
     "sam",
-    "looksam",
+    "looksam",  # the paper's alpha=0.7, tuned for batches of thousands
+    "looksam(alpha=0.1)",
     "ema",
     "swa",
     "lawa",
-    "batch_size_schedule",
+    "batch_size_schedule(hold_lr=True)",  # the batch grows instead of the learning rate decaying
+    "batch_size_schedule",  # the batch grows and the learning rate decays
     "lamb",
     "lars",
 )
