@@ -260,6 +260,15 @@ def _backpropagated(telemetry: Mapping) -> int | None:
     return found
 
 
+def _forwarded(telemetry: Mapping) -> int | None:
+    """Samples forwarded as techniques report them (stream "samples": the last `forwarded_total`), the
+    largest over sources: a technique that forwards some samples twice or before the Learner's own
+    forward (Selective Backprop's selection pass) counts what the Learner's counter cannot see."""
+    totals = [recs[-1]["forwarded_total"] for streams in telemetry.get("records", {}).values()
+              if (recs := [r for r in streams.get("samples", []) if "forwarded_total" in r])]
+    return max(totals) if totals else None
+
+
 def _cuda_peak_from_telemetry(telemetry: Mapping) -> float | None:
     # SystemMonitor resets CUDA's peak statistic at each epoch: its per-epoch peaks cover what ours lost.
     recs = telemetry.get("records", {}).get("system", {}).get("epoch", [])
@@ -379,12 +388,13 @@ def _fit_one(task, recipe: Recipe, ctx: RunContext, device: torch.device, model:
         peaks = [torch.cuda.max_memory_allocated(device) / 2**20, _cuda_peak_from_telemetry(tel)]
         peak_mem, kind = max(p for p in peaks if p is not None), "cuda"
     reached = stopper.reached if stopper is not None else None
+    forwarded = max(counter.forwarded, _forwarded(tel) or 0)
     return RunResult(
         recipe=recipe.name, seed=ctx.seed, task=task.name, epochs=ctx.epochs, bs=ctx.bs, lr=ctx.lr,
-        accuracy=accs[-1], best_accuracy=max(accs), wall_s=wall, cpu_s=cpu, samples=counter.forwarded,
+        accuracy=accs[-1], best_accuracy=max(accs), wall_s=wall, cpu_s=cpu, samples=forwarded,
         full_samples=full_epoch * ctx.epochs, steps=counter.steps, peak_rss_mb=peak_rss, history=history,
         params=params, telemetry=tel, backpropagated=_backpropagated(tel), epochs_run=len(history),
-        peak_mem_mb=peak_mem, peak_mem_kind=kind, throughput=counter.forwarded / wall if wall > 0 else None,
+        peak_mem_mb=peak_mem, peak_mem_kind=kind, throughput=forwarded / wall if wall > 0 else None,
         target_acc=target_acc, time_to_target_s=None if reached is None else reached["clock"] - start,
         samples_to_target=None if reached is None else reached["samples"],
         epoch_to_target=None if reached is None else reached["epoch"], recipe_text=recipe.text,

@@ -21,19 +21,19 @@ class SelectiveBackprop(WeightedPlanCallback):
 
     **What it does.** For each training batch it first runs the model without gradients (the
     selection pass; batch-norm running statistics are left untouched by it) and gets each sample's
-    loss; it keeps sample i with probability percentile(loss_i)^`beta`, the percentile taken over the
-    last `history` losses seen (a device ring buffer), and always keeps the batch's largest loss (never
-    an empty batch). Then the Learner forwards and backpropagates only the kept samples, gathered into
+    loss; it picks samples with a probability that rises as percentile(loss_i)^`beta` (two laws below),
+    the percentile taken over the last `history` losses seen (a device ring buffer); a batch is never
+    left empty. Then the Learner forwards and backpropagates only the kept samples, gathered into
     a smaller batch with `index_select`: that is what saves backward compute (and the training
     forward's). With `beta=1` about 1/2 of the samples are backpropagated, with `beta=2` about 1/3
     (1/(1+beta) when the batch's losses are distributed like the history).
 
-    `fixed_size=False` (exact): each sample is kept independently, so the subset's size is known only
-    on the device: one host read per step (`nonzero`), which stalls a GPU's queue once per step.
-    `fixed_size=True`: exactly k = max(1, round(bs / (1 + beta))) samples are drawn without replacement
-    with probability proportional to percentile^beta: the same expected count and preference for high
-    losses, no host read at all (the backward batch has a constant shape, friendly to CUDA graphs and
-    `torch.compile`), but not the paper's exact selection law.
+    `fixed_size=True` (default): exactly k = max(1, round(bs / (1 + beta))) samples are drawn without
+    replacement with probability proportional to percentile^beta: the same expected count and the same
+    preference for high losses as the paper's law, and no host read at all (the backward batch has a
+    constant shape, friendly to CUDA graphs and `torch.compile`). `fixed_size=False`: the paper's exact
+    law, each sample kept independently; the subset's size is then known only on the device, so it costs
+    one host read per step (`nonzero`), which stalls a GPU's queue once per step.
 
     `stale=True` (the paper's StaleSB): no selection pass. Each epoch keeps sample i with probability
     percentile(score_i)^`beta` among the stored losses of the last time each sample was trained on
@@ -66,14 +66,12 @@ class SelectiveBackprop(WeightedPlanCallback):
 
     telemetry_name = "selective_backprop"
 
-    def __init__(self, beta: float = 1.0, history: int = 2048, stale: bool = False, fixed_size: bool = False,
+    def __init__(self, beta: float = 1.0, history: int = 2048, stale: bool = False, fixed_size: bool = True,
                  seed: int | None = None):
         if not beta > 0:
             raise ValueError(f"beta must be > 0 (the selectivity: P(select) = percentile(loss)**beta), got {beta}")
         if int(history) != history or history < 1:
             raise ValueError(f"history must be an integer >= 1 (losses kept for the percentiles), got {history}")
-        if stale and fixed_size:
-            raise ValueError("fixed_size applies to the selection pass, which stale=True does not run")
         super().__init__(1.0, seed)
         self.beta, self.history_size, self.stale, self.fixed_size = float(beta), int(history), stale, fixed_size
         self.history: LossHistory | None = None

@@ -376,6 +376,15 @@ def test_backpropagated_samples_come_from_telemetry():
     assert "samples bwd (% of baseline)" not in table_rows(bench.summarize(c[:1]))[0]
 
 
+def test_selective_backprop_counts_its_selection_pass_as_forwarded():
+    # Its selection pass forwards every sample before the Learner's forward sees the smaller batch.
+    c = bench.run("mnist1d", ["baseline", "selective_backprop(beta=1)"], seeds=[0], epochs=2, bs=64,
+                  task_kwargs={"n_samples": 600}, progress=None, threads=1)
+    base, sb = c
+    assert sb.samples == base.samples == base.full_samples
+    assert sb.backpropagated == round(64 / 2) * (sb.samples // 64) < sb.samples
+
+
 def test_campaign_object_recipes_file_and_image_folder(tmp_path, capsys):
     from PIL import Image
 
