@@ -327,8 +327,11 @@ def _schedule_cells(t: Snapshot) -> list[Cell]:
                                          p["value"], color=color, dash="dash"))
                 values += p["value"]
             s = [r for r in steps if _num(r.get(k))]
-            cell.traces.append(_line(f"{cell.key}: actual{suffix}", [r["pct"] * scale for r in s],
-                                     [r[k] for r in s], color=color))
+            actual = _line(f"{cell.key}: actual{suffix}", [r["pct"] * scale for r in s], [r[k] for r in s],
+                           color=color)
+            # A value holds until the next record (writers record on change or every N steps): steps, not ramps.
+            actual["line"]["shape"] = "hv"
+            cell.traces.append(actual)
             values += [r[k] for r in s]
         # Learning rates span decades under one-cycle / cosine schedules.
         if base == "lr" and values and min(values) > 0:

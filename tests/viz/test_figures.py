@@ -120,6 +120,18 @@ def test_planned_schedule_spans_the_fit_and_actual_stops_at_progress():
     assert lr_cell.yaxis.get("type") == "log"  # lr spans decades
 
 
+def test_actual_schedule_holds_each_value_until_the_next_record():
+    # Progressive resizing records its resolution when it changes: 16 px until 40%, then 28 px. A line
+    # drawn point to point would show a ramp that never happened.
+    t = Telemetry()
+    t.set_meta("schedule", planned={"resolution": {"pct": [0.0, 0.4, 0.4, 1.0], "value": [16, 16, 28, 28]}})
+    t.record("schedule", "step", iter=0, pct=0.0, resolution=16)
+    t.record("schedule", "step", iter=40, pct=0.4, resolution=28)
+    tr = _traces(F.build_figure(t), "schedule/")
+    assert tr["schedule/resolution: actual"].line.shape == "hv"
+    assert tr["schedule/resolution: planned"].line.shape != "hv"
+
+
 def test_per_group_schedule_keys_share_a_cell():
     t = Telemetry()
     pcts = [0.0, 0.5, 1.0]
