@@ -187,12 +187,29 @@ def make_learner(task, bs: int, seed: int, cbs=(), metrics=(), width: int | None
                    cbs=list(cbs))
 
 
-def add_campaign_args(parser, task: str, epochs: int, n_samples: int | None, width: int | None) -> None:
-    """Options of the recipe-campaign benchmarks (defaults: the published setting)."""
-    parser.add_argument("--task", default=task)
-    parser.add_argument("--epochs", type=int, default=epochs)
-    parser.add_argument("--n-samples", type=int, default=n_samples, help="training subset (default: all)")
-    parser.add_argument("--width", type=int, default=width, help="the CNN's first-layer channels")
+# `--quick`: every recipe once, on a few batches (seconds per recipe on a CPU).
+QUICK_CAMPAIGN = {"task_kwargs": {"subset": 1024}, "epochs": 3, "seeds": [0], "width": 8}
+
+
+def campaign_main(name: str, doc: str, recipes: Sequence[str], references: Sequence[str] = ("baseline",),
+                  argv=None) -> dict:
+    """The command line of a recipe-campaign benchmark: parse the options, run `recipe_campaign`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    add_common_args(parser)
+    add_campaign_args(parser)
+    args = parser.parse_args(argv)
+    apply_threads(args)
+    return recipe_campaign(name, recipes, args, references, quick=QUICK_CAMPAIGN)
+
+
+def add_campaign_args(parser) -> None:
+    """Options of the recipe-campaign benchmarks."""
+    parser.add_argument("--task", default="fashion-mnist")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--n-samples", type=int, default=None, help="training subset (default: all)")
+    parser.add_argument("--width", type=int, default=None, help="the CNN's first-layer channels")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--bs", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-2)

@@ -16,9 +16,7 @@ its own benchmark (`benchmarks.seq_len_warmup`).
 
 from __future__ import annotations
 
-import argparse
-
-from benchmarks.common import add_campaign_args, add_common_args, apply_threads, recipe_campaign
+from benchmarks.common import campaign_main
 
 RECIPES = (
     "baseline",
@@ -38,13 +36,7 @@ RECIPES = (
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_args(p)
-    add_campaign_args(p, task="fashion-mnist", epochs=8, n_samples=None, width=None)
-    args = p.parse_args(argv)
-    apply_threads(args)
-    recipe_campaign("data_centric", RECIPES, args, references=("baseline", "infobatch"),
-                    quick={"task_kwargs": {"subset": 1024}, "epochs": 3, "seeds": [0], "width": 8})
+    campaign_main("data_centric", __doc__, RECIPES, ("baseline", "infobatch"), argv=argv)
 
 
 if __name__ == "__main__":

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from ..callback import per_sample_losses
+import torch
+
 from ..core.curriculum import easy_plan, pacing_fraction, planned_curve
 from ..core.infobatch import EpochPlan, ScoreTable, derive_seed, random_plan
 from ..registry import register
-from .pruning import EpochPruningCallback
+from .pruning import WeightedPlanCallback
 
 __all__ = ["EasyToHard"]
 
 
-class EasyToHard(EpochPruningCallback):
+class EasyToHard(WeightedPlanCallback):
     """Self-paced easy-to-hard curriculum: train on the lowest-loss samples first, widen to all.
 
     **What it does.** Keeps each training sample's latest loss (a device-resident score table, written
@@ -96,22 +97,16 @@ class EasyToHard(EpochPruningCallback):
                               data_frac=len(plan) / self.n_samples)
         return plan
 
-    def before_train(self):
-        super().before_train()
-        if self.active:
-            self.learn.loss_func = _ScoringLoss(self.learn.loss_func, self)
+    def weigh(self, losses: torch.Tensor, pred, *yb) -> torch.Tensor:
+        """Record this batch's per-sample losses as scores; every sample counts once (device ops only)."""
+        self.table.update(self.plan_dl.batch_idx, losses)
+        return torch.ones_like(losses)
 
     def after_train(self):
         if self.active:
             self.table.sync()  # every rank ends the epoch with the same scores
             self.scored = True
         super().after_train()
-
-    def _deactivate(self):
-        lf = self.learn.loss_func
-        if isinstance(lf, _ScoringLoss):  # also after an interrupted fit
-            self.learn.loss_func = lf.loss_func
-        super()._deactivate()
 
     def state_dict(self) -> dict:
         return super().state_dict() | {"scored": self.scored,
@@ -126,36 +121,6 @@ class EasyToHard(EpochPruningCallback):
         scores = state["table"]["scores"]
         self.table = ScoreTable(scores.numel(), scores.device, self.momentum)
         self.table.load_state_dict(state["table"])
-
-
-class _ScoringLoss:
-    """The Learner's loss while EasyToHard trains: the same loss, and each sample's value into the scores.
-
-    Behaves like the wrapped loss (`reduction`, `activation`, `decodes`, `y_int`), so `MixUp` and
-    `get_preds` work on top of it.
-    """
-
-    def __init__(self, loss_func, cb: EasyToHard):
-        self.loss_func, self.cb = loss_func, cb
-        self.reduction = getattr(loss_func, "reduction", "mean")
-        self.y_int = getattr(loss_func, "y_int", False)
-
-    def __call__(self, pred, *yb, **kwargs):
-        cb = self.cb
-        if not (cb.active and cb.training) or cb.plan_dl is None or cb.plan_dl.batch_idx is None:
-            return self.loss_func(pred, *yb, **kwargs)
-        idx = cb.plan_dl.batch_idx
-        losses = per_sample_losses(self.loss_func, pred, *yb, n=idx.numel())
-        cb.table.update(idx, losses)
-        if self.reduction == "none":
-            return losses
-        return losses.sum() if self.reduction == "sum" else losses.mean()
-
-    def activation(self, x):
-        return getattr(self.loss_func, "activation", lambda o: o)(x)
-
-    def decodes(self, x):
-        return getattr(self.loss_func, "decodes", lambda o: o)(x)
 
 
 def _easy_to_hard_for_tests():
