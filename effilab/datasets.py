@@ -637,7 +637,7 @@ def small_model(task: TaskData, width: int | None = None) -> nn.Module:
     doubled at each stride-2 conv) or the transformer's width (default 128).
     """
     shape = tuple(task.input_shape)
-    if task.kind == "language_model":
+    if getattr(task, "kind", "classification") == "language_model":
         return char_transformer(task.n_classes, d_model=width or 128, max_len=shape[0])
     if len(shape) == 3:
         c, h, w = shape
