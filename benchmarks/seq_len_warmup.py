@@ -171,7 +171,7 @@ def main(argv=None):
             speedups = []
             for r in rs:
                 b = base[r["seed"]]
-                if b["diverged"]:
+                if recipe == "baseline" or b["diverged"]:
                     continue
                 t = time_to(r["curve"], b["final_loss"])
                 if t is not None and t > 0:
