@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 
 from ..core.curriculum import easy_plan, pacing_fraction, planned_curve
-from ..core.infobatch import EpochPlan, ScoreTable, derive_seed, random_plan
+from ..core.infobatch import EpochPlan, derive_seed, random_plan
 from ..registry import register
-from .pruning import WeightedPlanCallback
+from .pruning import ScoredPlanCallback
 
 __all__ = ["EasyToHard"]
 
 
-class EasyToHard(WeightedPlanCallback):
+class EasyToHard(ScoredPlanCallback):
     """Self-paced easy-to-hard curriculum: train on the lowest-loss samples first, widen to all.
 
     **What it does.** Keeps each training sample's latest loss (a device-resident score table, written
@@ -56,12 +56,8 @@ class EasyToHard(WeightedPlanCallback):
         if not 0.0 <= full_at <= 1.0:
             raise ValueError(f"full_at must be in [0, 1] (the part of the fit by which all data is used), "
                              f"got {full_at}")
-        if momentum is not None and not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be None or in [0, 1), got {momentum}")
-        super().__init__(1.0, seed)
-        self.start_frac, self.full_at, self.momentum = start_frac, full_at, momentum
-        self.table: ScoreTable | None = None
-        self.scored = False  # has every sample a loss (one full epoch trained)?
+        super().__init__(1.0, seed, momentum)
+        self.start_frac, self.full_at = start_frac, full_at
         self._first_epoch = 0
 
     def fraction_at(self, epoch: int, n_epoch: int) -> float:
@@ -71,14 +67,7 @@ class EasyToHard(WeightedPlanCallback):
         return pacing_fraction(epoch / n_epoch, self.start_frac, self.full_at)
 
     def setup(self, n_samples: int) -> None:
-        device = next(self.learn.model.parameters()).device
-        if self.table is not None and self.table.n != n_samples:
-            self._warn(f"the training set changed size ({self.table.n} -> {n_samples} samples): fresh scores")
-            self.table, self.scored = None, False
-        if self.table is None:
-            self.table = ScoreTable(n_samples, device, self.momentum)
-        else:
-            self.table.to(device)
+        self.setup_table(n_samples)
         self.n_samples = n_samples
         self.plan_seed = derive_seed(self.seed, self.fit_count)
         self._first_epoch = self.learn.epoch
@@ -99,28 +88,8 @@ class EasyToHard(WeightedPlanCallback):
 
     def weigh(self, losses: torch.Tensor, pred, *yb) -> torch.Tensor:
         """Record this batch's per-sample losses as scores; every sample counts once (device ops only)."""
-        self.table.update(self.plan_dl.batch_idx, losses)
+        self.score(losses)
         return torch.ones_like(losses)
-
-    def after_train(self):
-        if self.active:
-            self.table.sync()  # every rank ends the epoch with the same scores
-            self.scored = True
-        super().after_train()
-
-    def state_dict(self) -> dict:
-        return super().state_dict() | {"scored": self.scored,
-                                       "table": None if self.table is None else self.table.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.scored = state["scored"]
-        if state["table"] is None:
-            self.table = None
-            return
-        scores = state["table"]["scores"]
-        self.table = ScoreTable(scores.numel(), scores.device, self.momentum)
-        self.table.load_state_dict(state["table"])
 
 
 def _easy_to_hard_for_tests():

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from ..core.infobatch import EpochPlan, ScoreTable, derive_seed
+from ..core.infobatch import EpochPlan, derive_seed
 from ..core.sampling import importance_plan
 from ..registry import register
-from .pruning import WeightedPlanCallback
+from .pruning import ScoredPlanCallback
 
 __all__ = ["ImportanceSampling"]
 
 
-class ImportanceSampling(WeightedPlanCallback):
+class ImportanceSampling(ScoredPlanCallback):
     """Importance sampling: draw each epoch's samples in proportion to their loss, weight them back.
 
     **What it does.** Keeps a (smoothed) loss per training sample on the device. Each epoch draws
@@ -54,52 +54,21 @@ class ImportanceSampling(WeightedPlanCallback):
         if not 0.0 < uniform <= 1.0:
             raise ValueError(f"uniform must be in (0, 1] (the uniform share of the sampling probability; 0 "
                              f"would give never-drawn samples infinite weights), got {uniform}")
-        if momentum is not None and not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be None or in [0, 1), got {momentum}")
         if not 0.0 < draws <= 1.0:
             raise ValueError(f"draws must be in (0, 1] (samples drawn per epoch / training set size), got {draws}")
-        super().__init__(1.0, seed)
-        self.uniform, self.momentum, self.draws = uniform, momentum, draws
-        self.table: ScoreTable | None = None
-        self.scored = False  # the table holds losses (of this or an earlier fit)
+        super().__init__(1.0, seed, momentum)
+        self.uniform, self.draws = uniform, draws
 
     def setup(self, n_samples: int) -> None:
-        device = next(self.learn.model.parameters()).device
-        if self.table is not None and self.table.n != n_samples:
-            self._warn(f"the training set changed size ({self.table.n} -> {n_samples} samples): "
-                       "starting a fresh score table")
-            self.table = None
-        if self.table is None:
-            self.table, self.scored = ScoreTable(n_samples, device, self.momentum), False
-        else:
-            self.table.to(device)
+        self.setup_table(n_samples)
         self.plan_seed = derive_seed(self.seed, self.fit_count)  # a new stream per fit
 
     def make_plan(self, epoch: int) -> EpochPlan:
         return importance_plan(self.table.scores, epoch, self.plan_seed, self.uniform, self.draws, self.scored)
 
     def weigh(self, losses: torch.Tensor, pred=None, *yb) -> torch.Tensor:
-        idx = self.plan_dl.batch_idx.to(self.table.device, non_blocking=True)
-        self.table.update(idx, losses)
+        idx = self.score(losses)
         return self.plan.weights.index_select(0, idx).to(losses.dtype)
-
-    def after_train(self):
-        if self.active:
-            self.table.sync()  # every rank plans the next epoch from the same scores
-            self.scored = True
-        super().after_train()
-
-    def state_dict(self) -> dict:
-        return super().state_dict() | {"scored": self.scored,
-                                       "table": None if self.table is None else self.table.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.scored, table = state["scored"], state["table"]
-        self.table = None
-        if table is not None:
-            self.table = ScoreTable(table["scores"].numel(), table["scores"].device, self.momentum)
-            self.table.load_state_dict(table)
 
 
 def _for_tests():

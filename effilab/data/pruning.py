@@ -15,9 +15,9 @@ from fastcore.xtras import chunked
 
 from ..callback import EffilabCallback, per_sample_losses
 from ..core.distributed import all_reduce_sum, broadcast_from_rank0
-from ..core.infobatch import EpochPlan
+from ..core.infobatch import EpochPlan, ScoreTable
 
-__all__ = ["EpochPruningCallback", "PlanDL", "WeightedLoss", "WeightedPlanCallback"]
+__all__ = ["EpochPruningCallback", "PlanDL", "ScoredPlanCallback", "WeightedLoss", "WeightedPlanCallback"]
 
 
 def _unwrap_distributed(dl):
@@ -218,6 +218,57 @@ class WeightedPlanCallback(EpochPruningCallback):
             self.learn.loss_func = lf.loss_func
         self._reported = None
         super()._deactivate()
+
+
+class ScoredPlanCallback(WeightedPlanCallback):
+    """A `WeightedPlanCallback` that keeps every training sample's latest loss (or its EMA with
+    `momentum`) in a device-resident `ScoreTable` across epochs and fits: written in `weigh` (through
+    `score`), merged across ranks at each epoch end, carried by checkpoints. `scored` says whether the
+    table holds losses yet (one training epoch done, in this or an earlier fit)."""
+
+    def __init__(self, delta: float, seed: int | None, momentum: float | None):
+        if momentum is not None and not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be None or in [0, 1), got {momentum}")
+        super().__init__(delta, seed)
+        self.momentum = momentum
+        self.table: ScoreTable | None = None
+        self.scored = False
+
+    def setup_table(self, n_samples: int) -> None:
+        """A fresh table for a new (or resized) training set; else the kept one, on the model's device."""
+        device = next(self.learn.model.parameters()).device
+        if self.table is not None and self.table.n != n_samples:
+            self._warn(f"the training set changed size ({self.table.n} -> {n_samples} samples): "
+                       "starting a fresh score table")
+            self.table = None
+        if self.table is None:
+            self.table, self.scored = ScoreTable(n_samples, device, self.momentum), False
+        else:
+            self.table.to(device)
+
+    def score(self, losses: torch.Tensor) -> torch.Tensor:
+        """Write this batch's per-sample losses into the table; returns the batch's sample indices."""
+        idx = self.plan_dl.batch_idx.to(self.table.device, non_blocking=True)
+        self.table.update(idx, losses)
+        return idx
+
+    def after_train(self):
+        if self.active:
+            self.table.sync()  # every rank plans the next epoch from the same scores
+            self.scored = True
+        super().after_train()
+
+    def state_dict(self) -> dict:
+        return super().state_dict() | {"scored": self.scored,
+                                       "table": None if self.table is None else self.table.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.scored, table = state["scored"], state["table"]
+        self.table = None
+        if table is not None:
+            self.table = ScoreTable(table["scores"].numel(), table["scores"].device, self.momentum)
+            self.table.load_state_dict(table)
 
 
 class WeightedLoss:
