@@ -143,24 +143,6 @@ def test_no_host_sync_in_training_batches(monkeypatch):
     assert [r for batch in spy.per_batch for r in batch] == []
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_no_cuda_sync_in_training_steps():
-    class SyncError(Callback):
-        order = -100
-
-        def before_batch(self):
-            if self.training and self.epoch > 0:
-                torch.cuda.set_sync_debug_mode("error")
-
-        def after_loss(self):
-            torch.cuda.set_sync_debug_mode("default")
-
-    learn = make_learner([InfoBatch(0.5, seed=0), SyncError()])
-    learn.dls.to("cuda")
-    learn.model.cuda()
-    learn.fit(3, 1e-2)
-
-
 def test_bad_input_gets_clear_errors():
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         InfoBatch(ratio=1.0)

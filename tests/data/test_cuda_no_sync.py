@@ -1,4 +1,4 @@
-"""The curriculum callbacks on a CUDA device: no host synchronisation inside training steps."""
+"""The data-centric callbacks on a CUDA device: no host synchronisation inside training steps."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from fastai.callback.core import Callback
 
-from effilab import EasyToHard, ProgressiveResize, SeqLenWarmup
+from effilab import EasyToHard, InfoBatch, ProgressiveResize, SeqLenWarmup
 
 from ..conftest import make_learner
 
@@ -37,7 +37,8 @@ class Close(Callback):
 
 
 @pytest.mark.parametrize("make, task", [(lambda: ProgressiveResize(), "image"), (lambda: SeqLenWarmup(), "sequence"),
-                                        (lambda: EasyToHard(seed=0), "tabular")])
+                                        (lambda: EasyToHard(seed=0), "tabular"),
+                                        (lambda: InfoBatch(0.5, seed=0), "tabular")])
 def test_no_cuda_sync_in_training_steps(make, task):
     cb = make()
     learn = make_learner([cb, SyncError(), Close()], task=task, n=256)
