@@ -214,7 +214,9 @@ class DynamicSparsity:
         device scalars; otherwise None."""
         churn = None
         if self.due(progress):
-            churn = self.update(cosine_drop_fraction(progress, self.alpha, self.end_frac), optimizer_state)
+            # The weights are masked by `after_step`: an interruption before the step leaves them as they were.
+            churn = self.update(cosine_drop_fraction(progress, self.alpha, self.end_frac), optimizer_state,
+                                mask_weights=False)
         self.step += 1
         grads = [p.grad for p in self.params if p.grad is not None]
         if grads:
@@ -222,10 +224,12 @@ class DynamicSparsity:
         return churn
 
     @torch.no_grad()
-    def update(self, fraction: float, optimizer_state: Mapping | None = None) -> list[torch.Tensor]:
+    def update(self, fraction: float, optimizer_state: Mapping | None = None,
+               mask_weights: bool = True) -> list[torch.Tensor]:
         """Drop `fraction` of each sparse layer's active weights (the smallest |w|) and regrow as many among
         the others (RigL: largest |grad|; SET: at random). Regrown weights and their optimizer state start at
-        zero; dropped ones are zeroed. Returns each sparse layer's churn (a device scalar)."""
+        zero (they were masked); dropped ones are zeroed (the weights only with `mask_weights`, else by the
+        next `after_step`). Returns each sparse layer's churn (a device scalar)."""
         g = None
         churn = []
         for i in self._sparse_idx:
@@ -249,7 +253,10 @@ class DynamicSparsity:
             churn.append((new & ~old).sum() / k_active)
             self.masks[i] = new
         self.n_updates += 1
-        self.after_step(optimizer_state)  # dropped weights and their state to zero; regrown ones were zero
+        if optimizer_state is not None:
+            mask_optimizer_state(optimizer_state, self.params, self.masks)
+        if mask_weights:
+            self.after_step()
         return churn
 
     # -- accounting
