@@ -12,6 +12,8 @@ _LAZY = {
     "CPUSafeDistributedTrainer": "effilab.system.distributed",
     "SystemMonitor": "effilab.system.monitor",
     "FitRecorder": "effilab.system.fit_recorder",
+    "ActivationCheckpointing": "effilab.system.checkpointing",
+    "Profiler": "effilab.system.profiler",
 }
 
 __all__ = sorted(_LAZY)
