@@ -163,7 +163,8 @@ class DynamicSparse(EffilabCallback):
         train_s = time.perf_counter() - self._t0
         sp = self.sparsity
         if self._pending:
-            churns = torch.stack([torch.stack(c) if c else torch.zeros(0) for _, _, c in self._pending]).tolist()  # sync-ok: once per epoch
+            stacked = torch.stack([torch.stack(c) if c else torch.zeros(0) for _, _, c in self._pending])
+            churns = stacked.tolist()  # sync-ok: once per epoch
             for (step, fraction, _), churn in zip(self._pending, churns):
                 self.telemetry.record(self.telemetry_name, "update", fit=self.fit_count, step=step,
                                       fraction=fraction, churn=churn)
