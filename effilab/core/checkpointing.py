@@ -15,11 +15,13 @@ backward, choose blocks to fit a memory budget, and wrap their forward in `torch
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from functools import partial
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 __all__ = ["SAVED_OPS", "checkpointed", "choose_blocks", "find_blocks", "keep_matmuls_policy", "restore_forward",
@@ -115,18 +117,39 @@ def checkpointed(blocks: dict[str, nn.Module] | list[nn.Module], selective: bool
             restore_forward(m)
 
 
+class _MatmulOutputs(TorchDispatchMode):
+    """Bytes of the outputs of `SAVED_OPS` per running block: what selective checkpointing keeps. (Selective
+    checkpointing stores them in its own cache, which `saved_tensors_hooks` do not see; a dispatch mode is
+    how PyTorch's own tools, such as torchtitan's op-level policy, look at ops.)"""
+
+    def __init__(self, stack: list[str], kept: dict[str, int]):
+        super().__init__()
+        self.stack, self.kept, self.seen = stack, kept, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.stack and func.overloadpacket in SAVED_OPS:
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.seen:
+                    self.seen.add(t.untyped_storage().data_ptr())
+                    self.kept[self.stack[-1]] += t.untyped_storage().nbytes()
+        return out
+
+
 def saved_activation_bytes(model: nn.Module, blocks: dict[str, nn.Module], inputs: tuple,
-                           run: Callable | None = None) -> tuple[dict[str, int], int]:
-    """Bytes the autograd graph keeps for backward during one forward of `model(*inputs)`: per block (what
-    checkpointing that block would free: its saved tensors other than its inputs) and in all.
+                           selective: bool = False) -> tuple[dict[str, int], int]:
+    """Bytes the autograd graph keeps for backward during one forward of `model(*inputs)`: per block, what
+    checkpointing that block would free (its saved tensors other than its inputs; with `selective`, less the
+    outputs of its matmuls, convolutions and attention, which selective checkpointing keeps), and in all.
 
     Counted through `torch.autograd.graph.saved_tensors_hooks`, each storage once, parameters excluded.
     The forward leaves no trace: the random generators are forked, buffers (BatchNorm statistics) restored,
-    and the graph is dropped without a backward. `run(model, *inputs)` replaces the plain call if given.
+    and the graph is dropped without a backward.
     """
     param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: set[int] = set()
     per_block = dict.fromkeys(blocks, 0)
+    kept = dict.fromkeys(blocks, 0)
     inputs_of: dict[str, set[int]] = {}
     stack: list[str] = []
     total = 0
@@ -159,8 +182,12 @@ def saved_activation_bytes(model: nn.Module, blocks: dict[str, nn.Module], input
     buffers = [b.detach().clone() for b in model.buffers()]
     devices = [d.index for d in {p.device for p in model.parameters()} if d.type == "cuda"]
     try:
-        with torch.random.fork_rng(devices=devices), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = run(model, *inputs) if run is not None else model(*inputs)
+        with contextlib.ExitStack() as ctx:
+            ctx.enter_context(torch.random.fork_rng(devices=devices))
+            ctx.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
+            if selective:
+                ctx.enter_context(_MatmulOutputs(stack, kept))
+            out = model(*inputs)
             del out
     finally:
         for h in handles:
@@ -168,6 +195,8 @@ def saved_activation_bytes(model: nn.Module, blocks: dict[str, nn.Module], input
         with torch.no_grad():
             for b, saved in zip(model.buffers(), buffers):
                 b.copy_(saved)
+    if selective:
+        per_block = {n: max(0, b - kept[n]) for n, b in per_block.items()}
     return per_block, total
 
 

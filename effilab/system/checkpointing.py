@@ -27,11 +27,11 @@ class ActivationCheckpointing(EffilabCallback):
 
     **Which blocks.** `blocks=None` takes the model's blocks (`effilab.core.checkpointing.find_blocks`: the
     outermost modules with layers of their own inside an `nn.Sequential`/`nn.ModuleList`: transformer layers,
-    CNN stages); or name them (`blocks=["blocks.0", "blocks.2"]`). With `budget_mb`, the bytes each block
-    keeps for backward are measured on the first training batch of the fit (one extra forward of two
-    samples, scaled to the batch; generators forked, BatchNorm statistics restored) and the fewest blocks,
-    largest first, are checkpointed so that the estimate fits the budget (all of them, and a note in
-    telemetry, if even that does not).
+    CNN stages); or name them (`blocks=["blocks.0", "blocks.2"]`). At the first training batch of each fit
+    the bytes each block keeps for backward are measured (`saved_tensors_hooks` over one extra forward of
+    two samples, scaled to the batch; generators forked, BatchNorm statistics restored). With `budget_mb`
+    (MiB of activations kept for backward per step) the fewest blocks, largest first, are then
+    checkpointed so that the estimate fits (all of them, and `fits_budget=False`, if even that does not).
 
     **Paper.** Chen, Xu, Zhang & Guestrin, "Training Deep Nets with Sublinear Memory Cost", 2016;
     selective checkpointing as in PyTorch's SAC and torchtitan's op-level policy.
@@ -109,7 +109,8 @@ class ActivationCheckpointing(EffilabCallback):
         xb = self.learn.xb
         bs = len(xb[0])
         sample = tuple(x[:2] for x in xb)
-        per_block, total = saved_activation_bytes(get_model(self.learn.model), self._blocks, sample)
+        per_block, total = saved_activation_bytes(get_model(self.learn.model), self._blocks, sample,
+                                                   selective=self.selective)
         scale = bs / len(sample[0]) / _MB
         per_block_mb = {n: b * scale for n, b in per_block.items()}
         activation_mb = total * scale
