@@ -111,6 +111,7 @@ class DynamicSparse(EffilabCallback):
     # -- events
     def before_fit(self):
         self._in_fit = False
+        self._remove_hooks()  # left by a fit that an exception ended without any event
 
     def before_train(self):
         if hasattr(self.learn, "lr_finder") or self._in_fit:

@@ -91,7 +91,7 @@ class ActivationCheckpointing(EffilabCallback):
         return {b: named[b] for b in self.blocks}
 
     def before_fit(self):
-        self._pending = False
+        self._restore()  # forwards left wrapped by a fit that an exception ended without any event
 
     def before_train(self):
         if self._pending or self._wrapped or hasattr(self.learn, "lr_finder"):

@@ -100,6 +100,9 @@ class Profiler(EffilabCallback):
                               steps=list(range(first, min(self._steps, self.steps_needed) + 1)),
                               table=events.table(sort_by=sort, row_limit=self.row_limit), top=rows)
 
+    def before_fit(self):
+        self._stop()  # a profiler left running by a fit that an exception ended without any event
+
     def before_train(self):
         if self._prof is not None or hasattr(self.learn, "lr_finder"):
             return
