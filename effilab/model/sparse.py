@@ -62,8 +62,10 @@ class DynamicSparse(EffilabCallback):
     telemetry reports density, theoretical FLOPs and measured time side by side.
 
     **Interactions.** Runs after `MixedPrecision` unscales the gradients (order 12), after SAM's second
-    pass, and not on steps `GradientAccumulation` skips. The RigL gradient is the one the optimizer would
-    use (all-reduced under DDP, so every rank picks the same connections). The packed in-projection of
+    pass, and not on steps `GradientAccumulation` skips. RigL's dense gradient costs nothing extra here:
+    the masked layers compute it at every step anyway; it is read only at update steps, before masking. It
+    is the gradient the optimizer would use (all-reduced under DDP, so every rank picks the same
+    connections; SET's generator is seeded alike on every rank). The packed in-projection of
     `nn.MultiheadAttention` and embeddings stay dense; a weight tied to a sparse layer (a tied LM head)
     is made sparse with it. Weight averaging (EMA/SWA/LAWA) averages sparse snapshots whose masks
     differ: its result is not sparse. Inactive in `lr_find`.
@@ -163,13 +165,7 @@ class DynamicSparse(EffilabCallback):
             return
         train_s = time.perf_counter() - self._t0
         sp = self.sparsity
-        if self._pending:
-            stacked = torch.stack([torch.stack(c) if c else torch.zeros(0) for _, _, c in self._pending])
-            churns = stacked.tolist()  # sync-ok: once per epoch
-            for (step, fraction, _), churn in zip(self._pending, churns):
-                self.telemetry.record(self.telemetry_name, "update", fit=self.fit_count, step=step,
-                                      fraction=fraction, churn=churn)
-            self._pending = []
+        self._report_updates()
         self.telemetry.record(self.telemetry_name, "epoch", fit=self.fit_count, epoch=self.learn.epoch, step=sp.step,
                               updates=sp.n_updates, density=sp.overall_density, densities=sp.densities,
                               flops_fraction=self._flops_summary().get("flops_fraction"))
@@ -181,8 +177,18 @@ class DynamicSparse(EffilabCallback):
         self.telemetry.record(self.telemetry_name, "timing", fit=self.fit_count, epoch=self.learn.epoch,
                               train_s=train_s, steps=sp.step)
 
+    def _report_updates(self):
+        if self._pending:
+            stacked = torch.stack([torch.stack(c) if c else torch.zeros(0) for _, _, c in self._pending])
+            churns = stacked.tolist()  # sync-ok: once per epoch
+            for (step, fraction, _), churn in zip(self._pending, churns):
+                self.telemetry.record(self.telemetry_name, "update", fit=self.fit_count, step=step,
+                                      fraction=fraction, churn=churn)
+            self._pending = []
+
     def after_fit(self):
         self._remove_hooks()
+        self._report_updates()  # those of an epoch cut short by a cancelled fit
         if self._in_fit:
             self.fit_count += 1
         self._in_fit = False

@@ -235,6 +235,9 @@ def test_rigl_on_a_cnn_and_a_transformer():
         learn = make_learner([cb], n=128, task=task)
         learn.fit(1, 1e-2)
         assert telemetry_of(learn).records("sparse", "update"), task
+        if task == "image":  # conv FLOPs: 2 x outputs x (c_in x kernel taps) per sample
+            assert telemetry_of(learn).meta("sparse")["dense_flops"] == [2 * 8 * 16 * 16 * 9, 2 * 16 * 8 * 8 * 72,
+                                                                           2 * 16 * 4]
         for p, m in zip(cb.sparsity.params, cb.sparsity.masks):
             assert torch.all(p.detach()[~m] == 0), task
 
@@ -251,3 +254,30 @@ def test_inactive_in_lr_find():
     learn = make_learner([cb], n=128)
     learn.lr_find(num_it=5, show_plot=False)
     assert cb.sparsity is None and not telemetry_of(learn).records("sparse", "update")
+
+
+def test_an_update_step_interrupted_before_the_step_leaves_the_weights_alone():
+    from fastai.callback.core import Callback, CancelFitException
+
+    class StopAtUpdate(Callback):
+        order = 1000  # after the sparse callback's before_step (the mask update)
+
+        def before_batch(self):
+            self.raw = torch.cat([p.detach().flatten().clone() for p in self.learn.model.parameters()])
+
+        def before_step(self):
+            if cb.sparsity.step == 4:  # the 4th step (delta_t=4) just updated the masks
+                self.masks = [m.clone() for m in cb.sparsity.masks]
+                raise CancelFitException()
+
+    cb = RigL(density=0.3, delta_t=4, seed=0)
+    stop = StopAtUpdate()
+    learn = make_learner([cb, stop], n=256)
+    learn.fit(2, 1e-2)
+    assert [u["step"] for u in telemetry_of(learn).records("sparse", "update")] == [4]  # reported at the fit's end
+    now = torch.cat([p.detach().flatten() for p in learn.model.parameters()])
+    assert torch.equal(now, stop.raw)
+    learn.remove_cb(stop)
+    learn.fit(1, 1e-2)  # the next fit masks the weights with the updated masks
+    for p, m in zip(cb.sparsity.params, cb.sparsity.masks):
+        assert torch.all(p.detach()[~m] == 0)
