@@ -1,0 +1,20 @@
+"""Model-centric techniques (survey category 2): how the model computes, and which of its parts train.
+
+Submodules load on first use (they import fastai).
+"""
+
+from .._lazy import lazy_attributes
+
+# public name -> module that defines it
+_LAZY = {
+    "Autocast": "effilab.model.precision",
+    "FP8Training": "effilab.model.fp8",
+    "fp8_layer_filter": "effilab.model.fp8",
+    "Compile": "effilab.model.compile",
+    "LayerFreezing": "effilab.model.freezing",
+}
+
+__all__ = sorted(_LAZY)
+
+
+__getattr__, __dir__ = lazy_attributes(__name__, globals(), _LAZY)
