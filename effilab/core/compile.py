@@ -28,6 +28,7 @@ _EXPLAIN = (
     (r"requires_grad mismatch", "a parameter's requires_grad changed (freezing)"),
     (r"dtype mismatch", "an input's dtype changed (autocast switched on or off?)"),
     (r"stride mismatch", "an input's memory layout changed (channels-last?)"),
+    (r"grad_mode", "gradients were switched off (validation runs under torch.no_grad): a graph of its own"),
     (r"training", "the model switched between train and eval mode"),
     (r"___check_obj_id|id\(|ID_MATCH", "a different object (model, module or parameter) was passed"),
     (r"shape|size", "a tensor's shape changed"),

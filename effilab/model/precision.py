@@ -162,7 +162,8 @@ class Autocast(RestoringCallback):
         self._close()
 
     def state_dict(self) -> dict:
-        scaler = self.loss_scaler.state_dict() if self.loss_scaler is not None else None  # one host read, at a checkpoint
+        # one host read, at a checkpoint
+        scaler = self.loss_scaler.state_dict() if self.loss_scaler is not None else None
         return {"scaler": scaler, "skipped_total": self.skipped_total}
 
     def load_state_dict(self, state: dict) -> None:
