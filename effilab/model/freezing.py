@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from torch.nn.parallel import DistributedDataParallel
+
 from ..core.freezing import PrefixFreezer, check_schedule, forward_layers, freeze_points, frozen_count
 from ..registry import register
 from ._restore import RestoringCallback
@@ -40,7 +42,8 @@ class LayerFreezing(RestoringCallback):
 
     **Interactions.** Order -6: before `Compile` (order -4), which resets its compile cache when the set of
     trainable parameters changes (pytorch#139476: a compiled frame reused across a requires_grad change can
-    train the wrong parameters). With `ProgressiveResize` or growth, pass `layers` explicitly.
+    train the wrong parameters). With growth, pass `layers` explicitly. Under DDP it needs
+    `find_unused_parameters=True` (it says so otherwise); not tested under DDP yet.
 
     **Telemetry** (source `"freezing"`): meta `layers` (names), `params` (per layer) and `freeze_at`
     (planned progress per layer); stream `"timeline"`: one record per layer frozen (`layer`, `name`,
@@ -83,8 +86,14 @@ class LayerFreezing(RestoringCallback):
         return self.freezer is not None and not hasattr(self.learn, "lr_finder")
 
     def before_train(self):
-        if self._active:
-            self.freezer.norms_to_eval()  # TrainEvalCallback just put the whole model in train mode
+        if not self._active:
+            return
+        model = self.learn.model
+        if isinstance(model, DistributedDataParallel) and not model.find_unused_parameters:
+            raise ValueError("LayerFreezing under DistributedDataParallel: DDP waits for a gradient of every "
+                             "parameter it was built with, and frozen ones get none. Build DDP with "
+                             "find_unused_parameters=True, or train without LayerFreezing")
+        self.freezer.norms_to_eval()  # TrainEvalCallback just put the whole model in train mode
 
     def before_batch(self):
         if not (self.training and self._active):

@@ -152,3 +152,13 @@ def test_bad_input():
         Compile(channels_last="yes")
     with pytest.raises(TypeError, match="dynamic"):
         Compile(dynamic="auto")
+
+
+def test_no_host_read_per_step(monkeypatch):
+    from ..spies import HostReadSpy
+
+    spy = HostReadSpy(monkeypatch)
+    learn = make_learner([LayerFreezing(start=0.5), Compile(backend="eager", eager_steps=1), *spy.callbacks()],
+                         n=128)
+    learn.fit(2, 1e-2)
+    assert spy.per_batch and all(reads == [] for reads in spy.per_batch), spy.per_batch

@@ -166,3 +166,12 @@ def test_bad_input():
         LayerFreezing(max_frozen=1.5)
     with pytest.raises(TypeError, match="layers"):
         LayerFreezing(layers="0")
+
+
+def test_no_host_read_per_step(monkeypatch):
+    from ..spies import HostReadSpy
+
+    spy = HostReadSpy(monkeypatch)
+    learn = make_learner([LayerFreezing(start=0.25), *spy.callbacks()], n=128)
+    learn.fit(2, 1e-2)
+    assert spy.per_batch and all(reads == [] for reads in spy.per_batch), spy.per_batch
