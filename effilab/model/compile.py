@@ -93,6 +93,7 @@ class Compile(RestoringCallback):
         self.backend, self.mode, self.dynamic, self.fullgraph = backend, mode, dynamic, fullgraph
         self.dynamic_batch, self.channels_last, self.eager_steps = dynamic_batch, channels_last, eager_steps
         self._model: nn.Module | None = None
+        self._users_compiled_call = None
         self.recompiles = 0
         self.resets = 0
 
@@ -138,6 +139,7 @@ class Compile(RestoringCallback):
     def before_fit(self):
         self.restore()
         self._model = self.learn.model
+        self._users_compiled_call = getattr(self._model, "_compiled_call_impl", None)  # the user's own
         self._compiled = False
         self._signature = None
         self._eager_done = 0
@@ -206,7 +208,7 @@ class Compile(RestoringCallback):
         model = self._model
         if model is None:
             return
-        model._compiled_call_impl = None  # undoes nn.Module.compile (no public way)
+        model._compiled_call_impl = self._users_compiled_call  # undoes nn.Module.compile (no public way)
         if self.channels_last:
             model.to(memory_format=torch.contiguous_format)
         self._model = None
