@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
-__all__ = ["PrefixFreezer", "check_schedule", "forward_layers", "freeze_points", "frozen_count"]
+__all__ = ["PrefixCache", "PrefixFreezer", "check_schedule", "forward_layers", "freeze_points", "frozen_count"]
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList)
 
@@ -124,3 +125,41 @@ class PrefixFreezer:
             p.requires_grad_(requires_grad)
         self._saved_requires_grad.clear()
         self.n_frozen = 0
+
+
+class PrefixCache:
+    """The frozen prefix's output per training sample, on the device: written the first time a sample passes
+    through the prefix, read afterwards instead of computing it.
+
+    Only valid while the prefix is frozen (its weights and BatchNorm statistics fixed) and every sample's
+    input is the same each epoch (no augmentation, no mixing): the caller checks. Which samples are
+    filled is host-side bookkeeping over host indices (they come from the sampler), so reads and writes
+    never sync with the device. `reset(depth)` empties it for a new prefix depth.
+    """
+
+    def __init__(self, n_samples: int):
+        self.n = int(n_samples)
+        self.depth = 0
+        self.store = None
+        self._filled: set[int] = set()
+
+    def reset(self, depth: int) -> None:
+        self.depth, self.store = depth, None
+        self._filled.clear()
+
+    def missing(self, idx: list[int]) -> list[int]:
+        """Positions in `idx` of the samples not stored yet."""
+        return [pos for pos, i in enumerate(idx) if i not in self._filled]
+
+    def write(self, idx: list[int], out) -> None:
+        if self.store is None:
+            self.store = torch.empty((self.n, *out.shape[1:]), dtype=out.dtype, device=out.device)
+        self.store.index_copy_(0, torch.tensor(idx, device=out.device), out.detach())
+        self._filled.update(idx)
+
+    def read(self, idx: list[int]):
+        return self.store.index_select(0, torch.tensor(idx, device=self.store.device))
+
+    @property
+    def filled(self) -> int:
+        return len(self._filled)

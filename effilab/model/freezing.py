@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import torch
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..core.freezing import PrefixFreezer, check_schedule, forward_layers, freeze_points, frozen_count
+from ..core.freezing import PrefixCache, PrefixFreezer, check_schedule, forward_layers, freeze_points, frozen_count
 from ..registry import register
 from ._restore import RestoringCallback
 
@@ -30,9 +32,19 @@ class LayerFreezing(RestoringCallback):
 
     **Defaults.** `start=0.5, end=1.0` (FreezeOut's t0 = 0.5): half the fit trains everything.
 
+    **Caching the prefix (`cache=True`).** The forward of the frozen prefix is skipped too: its output for
+    each training sample is stored on the device (by sample index, read from fastai's `DataLoader` order)
+    the first time the sample passes through it (computed under `no_grad`, for the missing samples only),
+    and each training step runs `model[k:]` on the stored outputs. Only valid when a sample's input is the
+    same every epoch: no random augmentation, no MixUp/CutMix (refused with an error), no dropout in the
+    prefix (the prefix stops before one). Needs an `nn.Sequential` model with one input; costs memory
+    (N samples x the prefix's output size); the cache is rebuilt when the prefix grows and at each fit.
+    The cached steps run eagerly under `Compile` (the suffix is a new module), and the prefix runs before
+    `Autocast` opens its region (stored in fp32).
+
     **What it saves.** Backward compute of the frozen prefix (its weight gradients, and the input gradients
-    that only it needed) and the optimiser's work on it; the forward still runs (caching the prefix's
-    outputs is not implemented). Measured by `benchmarks/model_cards.py` (`torch.utils.flop_counter`), the
+    that only it needed) and the optimiser's work on it; with `cache=True` also the prefix's forward for
+    every sample already stored. Measured by `benchmarks/model_cards.py` (`torch.utils.flop_counter`), the
     3-conv CNN of `small_model` on 1x28x28, batch 64, 7 layers (conv, BN, conv, BN, conv, BN, linear):
     backward 541 MFLOP, forward 274; freezing the first conv alone saves 1.3% of the backward (its input
     needs no gradient anyway), conv+BN 23%, two conv+BN 44%, four layers 72%, six 99.9% (66% of the whole
@@ -47,15 +59,22 @@ class LayerFreezing(RestoringCallback):
 
     **Telemetry** (source `"freezing"`): meta `layers` (names), `params` (per layer) and `freeze_at`
     (planned progress per layer); stream `"timeline"`: one record per layer frozen (`layer`, `name`,
-    `step`, `epoch`, `progress`); per epoch the number of layers and parameters frozen at its end.
+    `step`, `epoch`, `progress`); per epoch the number of layers and parameters frozen at its end and, with
+    `cache=True`, `cache_depth` (children of the model cached), `cached_steps`, `prefix_samples_skipped`,
+    `cache_filled`.
     """
 
     order = -6  # after TrainEvalCallback (-10), whose model.train() it corrects
     telemetry_name = "freezing"
 
     def __init__(self, start: float = 0.5, end: float = 1.0, max_frozen: int | None = None,
-                 layers: list[str] | None = None):
+                 layers: list[str] | None = None, cache: bool = False):
         check_schedule(start, end)
+        if not isinstance(cache, bool):
+            raise TypeError(f"cache must be True or False, got {cache!r}")
+        self.cache = cache
+        self.prefix_cache: PrefixCache | None = None
+        self._swapped = None
         if max_frozen is not None and (isinstance(max_frozen, bool) or not isinstance(max_frozen, int)
                                        or max_frozen < 1):
             raise TypeError(f"max_frozen must be None (all layers but the last) or an int >= 1, got {max_frozen!r}")
@@ -76,7 +95,11 @@ class LayerFreezing(RestoringCallback):
                              f"({', '.join(n for n, _ in layers)}) and the last must train, so at most "
                              f"{max(n_layers - 1, 0)} can freeze: pass max_frozen <= {max(n_layers - 1, 0)}, "
                              "or list finer layers with layers=[...]")
+        if self.cache:
+            self._check_cacheable()
+            self.prefix_cache = PrefixCache(len(self.learn.dls.train.dataset))
         self.freezer, self.n_freeze = PrefixFreezer(layers), n_freeze
+        self._cached_steps = self._prefix_skipped = 0
         self.telemetry.set_meta(self.telemetry_name, layers=[n for n, _ in layers],
                                 params=[sum(p.numel() for p in m.parameters()) for _, m in layers],
                                 freeze_at=freeze_points(n_freeze, self.start, self.end))
@@ -94,6 +117,15 @@ class LayerFreezing(RestoringCallback):
                              "parameter it was built with, and frozen ones get none. Build DDP with "
                              "find_unused_parameters=True, or train without LayerFreezing")
         self.freezer.norms_to_eval()  # TrainEvalCallback just put the whole model in train mode
+        if self.cache:  # record the epoch's sample order: batch i holds samples idxs[i*bs:(i+1)*bs]
+            dl = self.learn.dl
+            get_idxs = dl.get_idxs
+
+            def recording_get_idxs():
+                self._idxs = list(get_idxs())
+                return self._idxs
+
+            dl.get_idxs, self._recording_dl = recording_get_idxs, dl
 
     def before_batch(self):
         if not (self.training and self._active):
@@ -104,17 +136,99 @@ class LayerFreezing(RestoringCallback):
             for i in self.freezer.freeze_to(n):
                 self.telemetry.record(self.telemetry_name, "timeline", layer=i, name=self.freezer.layers[i][0],
                                       step=self.learn.train_iter, epoch=self.learn.epoch, progress=p)
+        if self.cache:
+            self._use_cache()
+
+    # -- caching the frozen prefix's outputs
+    def _check_cacheable(self):
+        from fastai.callback.mixup import MixHandler
+        from fastai.data.load import DataLoader
+        from fastai.vision.augment import RandTransform
+
+        model, dl = self.learn.model, self.learn.dls.train
+        if not isinstance(model, nn.Sequential):
+            raise ValueError("LayerFreezing(cache=True) needs an nn.Sequential model (a cached step runs model[k:] "
+                             f"on the stored outputs of model[:k]), got {type(model).__name__}: use cache=False")
+        if getattr(self.learn.dls, "n_inp", 1) != 1:
+            raise ValueError("LayerFreezing(cache=True) needs a model with one input: use cache=False")
+        if not isinstance(dl, DataLoader):
+            raise ValueError(f"LayerFreezing(cache=True) needs fastai's DataLoader (it reads the sample order), got "
+                             f"{type(dl).__name__}: use cache=False")
+        tfms = [*getattr(dl.after_item, "fs", ()), *getattr(dl.after_batch, "fs", ())]  # TfmdDL's pipelines
+        random_tfms = [t for t in tfms if isinstance(t, RandTransform)]
+        mixing = [type(cb).__name__ for cb in self.learn.cbs if isinstance(cb, MixHandler)]
+        if random_tfms or mixing:
+            raise ValueError(f"LayerFreezing(cache=True) needs the same input for a sample every epoch, but "
+                             f"{random_tfms or mixing} change it: remove them or use cache=False")
+
+    def _cache_depth(self) -> int:
+        # Leading children whose parameters are all frozen (and parameter-free ones between), no dropout.
+        depth, has_params = 0, False
+        for child in self.learn.model.children():
+            params = list(child.parameters())
+            if any(p.requires_grad for p in params) or any(
+                    isinstance(m, nn.modules.dropout._DropoutNd) for m in child.modules()):
+                break
+            depth, has_params = depth + 1, has_params or bool(params)
+        return depth if has_params else 0
+
+    def _use_cache(self):
+        model, cache = self.learn.model, self.prefix_cache
+        depth = self._cache_depth()
+        if depth != cache.depth:
+            cache.reset(depth)
+        if depth == 0 or getattr(self, "_idxs", None) is None:
+            return
+        x = self.learn.xb[0]
+        start = self.learn.iter * self.learn.dl.bs
+        idx = self._idxs[start:start + len(x)]
+        missing = cache.missing(idx)  # host bookkeeping: no device read
+        if missing:  # the prefix runs for samples it has not stored yet, without building a graph
+            with torch.no_grad():
+                rows = x.index_select(0, torch.tensor(missing, device=x.device))
+                cache.write([idx[pos] for pos in missing], model[:depth](rows))
+        self.learn.xb = (cache.read(idx),)  # the suffix runs on the stored outputs
+        self._swapped, self.learn.model = model, model[depth:]
+        self._cached_steps += 1
+        self._prefix_skipped += len(idx) - len(missing)
+
+    def _end_cached_batch(self):
+        if self._swapped is not None:
+            self.learn.model, self._swapped = self._swapped, None
+
+    def after_pred(self):
+        self._end_cached_batch()
+
+    def after_cancel_batch(self):
+        self._end_cached_batch()
 
     def after_train(self):
         if not self._active:
             return
+        self._stop_recording()
         frozen = self.freezer.layers[:self.freezer.n_frozen]
+        cache = {} if self.prefix_cache is None else {"cached_steps": self._cached_steps,
+                                                       "prefix_samples_skipped": self._prefix_skipped,
+                                                       "cache_depth": self.prefix_cache.depth,
+                                                       "cache_filled": self.prefix_cache.filled}
         self.telemetry.record(self.telemetry_name, "epoch", epoch=self.learn.epoch, n_frozen=len(frozen),
-                              params_frozen=sum(p.numel() for _, m in frozen for p in m.parameters()))
+                              params_frozen=sum(p.numel() for _, m in frozen for p in m.parameters()), **cache)
+        self._cached_steps = self._prefix_skipped = 0
+
+    def _stop_recording(self):
+        dl = getattr(self, "_recording_dl", None)
+        if dl is not None:
+            del dl.get_idxs  # the instance attribute: the class's method shows again
+            self._recording_dl = self._idxs = None
 
     def restore(self):
-        if self.freezer is not None and self.learn is not None:
+        if self.learn is None:
+            return
+        self._end_cached_batch()
+        self._stop_recording()
+        if self.freezer is not None:
             self.freezer.restore(training=self.learn.model.training)
+        self.prefix_cache = None
 
     @property
     def frozen_layers(self) -> list[str]:

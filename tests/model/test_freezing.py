@@ -3,6 +3,8 @@ the first trainable layer, BatchNorm in eval mode, the timeline, restoring on ev
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 from fastai.callback.core import Callback
@@ -175,3 +177,41 @@ def test_no_host_read_per_step(monkeypatch):
     learn = make_learner([LayerFreezing(start=0.25), *spy.callbacks()], n=128)
     learn.fit(2, 1e-2)
     assert spy.per_batch and all(reads == [] for reads in spy.per_batch), spy.per_batch
+
+
+def test_cache_skips_the_frozen_prefix_forward_and_trains_alike():
+    samples = []
+
+    def run(cache):
+        random.seed(0)  # fastai's shuffling draws from Python's RNG
+        learn = make_learner([LayerFreezing(start=0.25, max_frozen=2, cache=cache)], n=256, shuffle=True)
+        hook = learn.model[0].register_forward_hook(lambda m, i, o: samples.append(len(o)) if m.training else None)
+        learn.fit(5, 1e-2)
+        hook.remove()
+        return learn
+
+    plain = run(False)
+    n_plain, samples[:] = sum(samples), []
+    cached = run(True)
+    assert n_plain == 5 * 256
+    # the Linear and the BN freeze at progress 0.25 (step 10) and 0.625 (step 25); the cache holds model[:1],
+    # then model[:3] (Linear, BN, ReLU); each sample goes through the prefix once per depth
+    epochs = telemetry_of(cached).records("freezing", "epoch")
+    assert [e["cache_depth"] for e in epochs] == [0, 1, 1, 3, 3]
+    assert [e["cached_steps"] for e in epochs] == [0, 6, 8, 8, 8]
+    assert sum(samples) == n_plain - sum(e["prefix_samples_skipped"] for e in epochs)
+    assert sum(samples) < 0.7 * n_plain
+    assert torch.allclose(params_of(plain), params_of(cached), atol=1e-5)
+    assert type(cached.model) is nn.Sequential and len(cached.model) == 4  # the whole model is back
+    assert "get_idxs" not in vars(cached.dls.train)
+
+
+def test_cache_refuses_what_it_cannot_cache():
+    from fastai.callback.mixup import MixUp
+
+    learn = make_learner([LayerFreezing(cache=True), MixUp()], n=64)
+    with pytest.raises(ValueError, match=r"same input for a sample every epoch.*MixUp"):
+        learn.fit(1, 1e-2)
+    learn = make_learner([LayerFreezing(cache=True)], n=64, task="sequence")
+    with pytest.raises(ValueError, match="nn.Sequential"):
+        learn.fit(1, 1e-2)
