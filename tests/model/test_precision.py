@@ -157,3 +157,17 @@ def test_rowwise_scaling_beats_tensorwise_on_an_outlier_row():
     assert tensorwise["median_rel_error"] > 10 * rowwise["median_rel_error"]
     with pytest.raises(ValueError, match="granularity"):
         fp8_scaling_error(x, granularity="blockwise")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fp16_on_cuda_gets_a_scaler_and_reports_its_scale():
+    cb = Autocast("fp16")
+    spy = Dtypes()
+    learn = make_learner([cb, spy], n=256)
+    learn.dls.to("cuda")
+    learn.model.cuda()
+    learn.fit(2, 1e-2)
+    assert cb.loss_scaler is not None and set(spy.hidden) == {torch.float16}
+    epochs = telemetry_of(learn).records("autocast", "epoch")
+    assert len(epochs) == 2 and epochs[-1]["scale"] > 0
+    assert len(telemetry_of(learn).records("autocast", "scale")[0]["scales"]) == 8  # one per step, skipped too
