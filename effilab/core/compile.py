@@ -10,7 +10,7 @@ import time
 
 import torch
 
-__all__ = ["StepTimer", "break_even_step", "compile_events", "explain_recompile"]
+__all__ = ["StepTimer", "break_even_step", "compile_events", "explain_recompile", "new_guard_failures"]
 
 
 def break_even_step(compile_s: float, eager_step_s: float, compiled_step_s: float) -> int | None:
@@ -22,27 +22,48 @@ def break_even_step(compile_s: float, eager_step_s: float, compiled_step_s: floa
     return max(1, math.ceil(compile_s / saving))
 
 
+_GRAD_MODE = "gradients were switched off (validation runs under torch.no_grad): a graph of its own"
 _EXPLAIN = (
     (r"size mismatch at index 0\b", "the batch size changed (a partial last batch, a batch-size schedule)"),
     (r"size mismatch at index [1-9]", "an input's shape changed (progressive resizing, sequence-length warmup)"),
     (r"requires_grad mismatch", "a parameter's requires_grad changed (freezing)"),
     (r"dtype mismatch", "an input's dtype changed (autocast switched on or off?)"),
     (r"stride mismatch", "an input's memory layout changed (channels-last?)"),
-    (r"grad_mode", "gradients were switched off (validation runs under torch.no_grad): a graph of its own"),
+    (r"grad_mode", _GRAD_MODE),
     (r"training", "the model switched between train and eval mode"),
     (r"___check_obj_id|id\(|ID_MATCH", "a different object (model, module or parameter) was passed"),
     (r"shape|size", "a tensor's shape changed"),
 )
 
 
-def explain_recompile(reason: str | None) -> str:
-    """A short plain-language cause for one of dynamo's guard-failure messages."""
-    if not reason:
+def explain_recompile(reasons: str | list[str] | None) -> str:
+    """A short plain-language cause for dynamo's guard-failure message(s). Dynamo tries every cached graph
+    and reports each one's failure; a graph that differs only in grad mode (the validation graph) explains
+    nothing about a training recompile, so another cause is preferred when there is one."""
+    if isinstance(reasons, str):
+        reasons = [reasons]
+    whys = [_explain_one(r) for r in reasons or [] if r]
+    if not whys:
         return "first compilation"
+    return next((w for w in whys if w != _GRAD_MODE), whys[0])
+
+
+def _explain_one(reason: str) -> str:
     for pattern, text in _EXPLAIN:
         if re.search(pattern, reason):
             return text
     return "a guard failed: " + reason.splitlines()[0][:160]
+
+
+def new_guard_failures(seen: dict) -> list[str]:
+    """Dynamo's guard-failure messages recorded since the last call with the same `seen` dict."""
+    from torch._dynamo.utils import guard_failures
+
+    new = []
+    for code, reasons in list(guard_failures.items()):
+        new += reasons[seen.get(code, 0):]
+        seen[code] = len(reasons)
+    return new
 
 
 def compile_events(since_us: int) -> list[dict]:

@@ -10,7 +10,7 @@ import torch
 import torch._dynamo
 from torch import nn
 
-from ..core.compile import StepTimer, break_even_step, compile_events, median
+from ..core.compile import StepTimer, break_even_step, compile_events, explain_recompile, median, new_guard_failures
 from ..registry import register
 from ._restore import RestoringCallback
 
@@ -121,10 +121,13 @@ class Compile(RestoringCallback):
         if count == self._count:
             return False
         self._count = count
+        failures = new_guard_failures(self._failures_seen)
         for event in compile_events(self._since_us):
             self._since_us = max(self._since_us, 1 + int(time.time() * 1e6))
             if event["reason"]:
                 self.recompiles += 1
+                event["guard_failures"] = [event["reason"], *failures]
+                event["why"] = explain_recompile(event["guard_failures"])
             attempt = event["compile_id"].rpartition("/")[2]
             if attempt.isdigit() and int(attempt) + 1 >= torch._dynamo.config.recompile_limit:
                 warnings.warn(f"Compile: frame {event['compile_id']} reached torch._dynamo.config.recompile_limit "
@@ -134,6 +137,15 @@ class Compile(RestoringCallback):
             self.telemetry.record(self.telemetry_name, "compile", epoch=self.learn.epoch, step=self._batch_step,
                                   where=where, **event)
         return True
+
+    def reset_cache(self, why: str) -> None:
+        """Drop every compiled graph (`torch._dynamo.reset()`, process-wide): the next step recompiles. Called
+        when the trainable set changes; call it yourself after changing the model in a way guards miss."""
+        torch._dynamo.reset()
+        self.resets += 1
+        self._signature = _trainable_signature(self._model)
+        self.telemetry.record(self.telemetry_name, "reset", epoch=self.learn.epoch, step=self.learn.train_iter,
+                              why=why)
 
     # -- events
     def before_fit(self):
@@ -145,6 +157,8 @@ class Compile(RestoringCallback):
         self._eager_done = 0
         self._count = _compile_counter()
         self._since_us = int(time.time() * 1e6)
+        self._failures_seen: dict = {}
+        new_guard_failures(self._failures_seen)  # older ones are not this fit's
         self._timer = StepTimer(next(self._model.parameters()).device)
         self._eager_times: list[float] = []
         self._compiled_times: list[float] = []
@@ -160,14 +174,8 @@ class Compile(RestoringCallback):
             if not self._compiled and self._eager_done >= self.eager_steps:
                 self._compile()
             elif self._compiled:
-                signature = _trainable_signature(self._model)
-                if signature != self._signature:
-                    torch._dynamo.reset()
-                    self.resets += 1
-                    self._signature = signature
-                    self.telemetry.record(self.telemetry_name, "reset", epoch=self.learn.epoch,
-                                          step=self.learn.train_iter,
-                                          why="the set of trainable parameters changed")
+                if _trainable_signature(self._model) != self._signature:
+                    self.reset_cache("the set of trainable parameters changed")
             self._prepare_inputs()
             self._batch_step = self.learn.train_iter
             self._timer.start()

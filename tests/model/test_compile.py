@@ -36,6 +36,9 @@ def test_explanations():
     assert "freezing" in explain_recompile("tensor 'w' requires_grad mismatch. expected requires_grad=1")
     assert "no_grad" in explain_recompile("0/0: GLOBAL_STATE changed: grad_mode")
     assert explain_recompile(None) == "first compilation"
+    # dynamo lists every cached graph's failure: the validation graph's grad mode explains nothing here
+    both = ["0/1: GLOBAL_STATE changed: grad_mode", "0/0: tensor 'x' size mismatch at index 2. expected 16, actual 12"]
+    assert "shape" in explain_recompile(both)
 
 
 def test_eager_steps_then_compiled_steps_with_compile_time_apart():
@@ -162,3 +165,19 @@ def test_no_host_read_per_step(monkeypatch):
                          n=128)
     learn.fit(2, 1e-2)
     assert spy.per_batch and all(reads == [] for reads in spy.per_batch), spy.per_batch
+
+
+def test_a_changed_image_size_recompiles_and_is_explained():
+    class Resize(Callback):
+        order = -20
+
+        def before_batch(self):
+            if self.learn.epoch == 1:
+                self.learn.xb = (torch.nn.functional.interpolate(self.learn.xb[0], size=(12, 12)),)
+
+    learn = make_learner([Resize(), Compile(backend="eager", eager_steps=0)], n=128, task="image")
+    learn.fit(2, 1e-2)
+    train = [c for c in telemetry_of(learn).records("compile", "compile") if c["where"] == "train"]
+    assert len(train) == 2 and train[1]["step"] == 4  # epoch 1 starts at step 4
+    assert "shape changed" in train[1]["why"]
+    assert telemetry_of(learn).records("compile", "epoch")[-1]["recompiles"] >= 1
