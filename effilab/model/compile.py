@@ -65,7 +65,8 @@ class Compile(RestoringCallback):
 
     **Telemetry** (source `"compile"`): meta `backend`, `mode`, `dynamic_batch`, `channels_last`; stream
     `"step"` (per epoch: every training step's seconds and which compiled); stream `"compile"` (each
-    compilation: step, seconds, reason and its explanation); stream `"reset"` (cache resets and why);
+    compilation: step, train or validate, seconds, dynamo's guard failures and the explanation); stream
+    `"reset"` (cache resets and why);
     per epoch the eager and compiled median step times, compile seconds, recompiles and the break-even step.
     """
 
