@@ -12,6 +12,8 @@ _LAZY = {
     "CPUSafeDistributedTrainer": "effilab.system.distributed",
     "SystemMonitor": "effilab.system.monitor",
     "FitRecorder": "effilab.system.fit_recorder",
+    "SyncFreeRecorder": "effilab.system.recorder",
+    "DeviceSmoothLoss": "effilab.system.recorder",
 }
 
 __all__ = sorted(_LAZY)
