@@ -98,8 +98,8 @@ class SyncFreeRecorder(EffilabCallback):
             return
         original = rec.smooth_loss
         rec.smooth_loss = DeviceSmoothLoss(beta=original.beta)
-        self._run = SimpleNamespace(rec=rec, original=original, pending=[], first_iter=0, inflight=[], n_landed=0,
-                                    host=None)
+        self._run = SimpleNamespace(rec=rec, original=original, pending=[], first_iter=0, inflight=[], free=[],
+                                    n_landed=0, host=None)
 
     def before_train(self):
         if self._run is not None:
@@ -125,36 +125,39 @@ class SyncFreeRecorder(EffilabCallback):
 
     def _start_copy(self):
         run = self._run
-        if not run.pending:
+        k = len(run.pending)
+        if not k:
             return
         values = torch.stack(run.pending)
         cuda = values.is_cuda
-        buf = host_buffer(len(run.pending), values.dtype, pinned=cuda)
-        buf.copy_(values, non_blocking=True)  # into pinned memory on CUDA: no wait
+        # Host buffers are reused: pinned memory is slow to allocate.
+        buf = run.free.pop() if run.free else host_buffer(self.every, values.dtype, pinned=cuda)
+        buf[:k].copy_(values, non_blocking=True)  # into pinned memory on CUDA: the host does not wait
         event = None
         if cuda:
             event = torch.cuda.Event()
             event.record()
-        run.inflight.append((buf, event, run.first_iter + len(run.pending) - 1, self.learn.epoch))
-        run.first_iter += len(run.pending)
+        run.inflight.append((buf, k, event, run.first_iter + k - 1, self.learn.epoch))
+        run.first_iter += k
         run.pending = []
 
     def _land(self, wait: bool):
         """Move the finished copies, oldest first, into the Recorder; with `wait`, all of them."""
         run = self._run
         while run.inflight:
-            buf, event, it, epoch = run.inflight[0]
-            if event is not None:
-                if not wait and not event.query():
+            buf, k, event, it, epoch = run.inflight[0]
+            if event is not None and not event.query():  # query() asks, it does not wait
+                if not wait:
                     return
-                event.synchronize()  # sync-ok: already done, or the epoch's end
+                event.synchronize()  # sync-ok: the epoch's end
             run.inflight.pop(0)
-            values = [torch.tensor(v, dtype=buf.dtype) for v in buf.tolist()]  # host memory
+            values = [torch.tensor(v, dtype=buf.dtype) for v in buf.tolist()[:k]]  # host memory
+            run.free.append(buf)
             run.rec.losses.extend(values)
-            run.n_landed += len(values)
+            run.n_landed += k
             run.host = values[-1]
             run.host._effilab_host = True
-            self.telemetry.record("recorder", "read", iter=it, epoch=epoch, smooth_loss=float(run.host), n=len(values))
+            self.telemetry.record("recorder", "read", iter=it, epoch=epoch, smooth_loss=float(run.host), n=k)
 
     def after_train(self):
         if self._run is not None:
