@@ -13,6 +13,7 @@ _LAZY = {
     "SystemMonitor": "effilab.system.monitor",
     "FitRecorder": "effilab.system.fit_recorder",
     "SyncFreeRecorder": "effilab.system.recorder",
+    "launch": "effilab.system.launcher",
     "DeviceSmoothLoss": "effilab.system.recorder",
 }
 
