@@ -133,13 +133,18 @@ class SyncFreeRecorder(EffilabCallback):
         # Host buffers are reused: pinned memory is slow to allocate.
         buf = run.free.pop() if run.free else host_buffer(self.every, values.dtype, pinned=cuda)
         buf[:k].copy_(values, non_blocking=True)  # into pinned memory on CUDA: the host does not wait
-        event = None
-        if cuda:
-            event = torch.cuda.Event()
-            event.record()
-        run.inflight.append((buf, k, event, run.first_iter + k - 1, self.learn.epoch))
+        run.inflight.append((buf, k, self._copy_done_event(values), run.first_iter + k - 1, self.learn.epoch))
         run.first_iter += k
         run.pending = []
+
+    @staticmethod
+    def _copy_done_event(values: torch.Tensor):
+        """A CUDA event recorded after the copy, or None where the copy was synchronous (CPU)."""
+        if not values.is_cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
 
     def _land(self, wait: bool):
         """Move the finished copies, oldest first, into the Recorder; with `wait`, all of them."""

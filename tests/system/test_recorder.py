@@ -141,3 +141,44 @@ def test_pickles_mid_fit_without_its_run_and_sync_free_adds_it():
 def test_bad_every_is_refused(every):
     with pytest.raises(TypeError, match="every must be a positive int"):
         SyncFreeRecorder(every)
+
+
+class _FakeEvent:
+    """A CUDA event whose copy takes `polls` queries to finish."""
+
+    log: list = []
+
+    def __init__(self, polls):
+        self.polls = polls
+
+    def query(self):
+        self.polls -= 1
+        return self.polls < 0
+
+    def synchronize(self):
+        _FakeEvent.log.append("wait")
+        self.polls = -1
+
+
+def test_asynchronous_copies_land_later_and_the_epoch_end_waits(monkeypatch):
+    """The CUDA path with a fake event: values land when the copy reports done, never earlier, and the epoch's
+    end waits for the last copy; the results are still fastai's."""
+    _FakeEvent.log = []
+    monkeypatch.setattr(SyncFreeRecorder, "_copy_done_event", staticmethod(lambda values: _FakeEvent(2)))
+    landed = []
+
+    class Watch(Callback):
+        order = 70
+
+        def after_batch(self):
+            if self.training:
+                landed.append(len(self.recorder.losses))
+
+    learn = make_learner([SyncFreeRecorder(every=2), Watch()], n=224)
+    learn.fit(1, 1e-2)
+    # Copies start after steps 2, 4, 6 (1-based) and finish two queries (steps) later.
+    assert landed == [0, 0, 0, 2, 2, 4, 4]
+    assert _FakeEvent.log == ["wait"]  # only for the last step's copy, started at the epoch's end
+    default = make_learner([], n=224)
+    default.fit(1, 1e-2)
+    assert torch.equal(torch.stack(learn.recorder.losses), torch.stack(default.recorder.losses))
