@@ -178,15 +178,20 @@ class SyncFreeRecorder(EffilabCallback):
         if run is None:
             return
         self._flush()
-        run.rec.smooth_loss = run.original
-        self._run = None
+        self._restore()
 
     def after_cancel_fit(self):
         run = self._run
         if run is not None:
-            run.rec.smooth_loss = run.original
-            self._run = None
+            self._restore()
 
+    def _restore(self):
+        # fastai's smoother back, holding where this fit's smoothing ended (on the host, as fastai keeps it)
+        run, self._run = self._run, None
+        ours, original = run.rec.smooth_loss, run.original
+        if isinstance(ours, DeviceSmoothLoss):
+            original.count, original.val = ours.count, ours.val.detach().cpu()  # sync-ok: the fit's end
+        run.rec.smooth_loss = original
 
 
 @patch

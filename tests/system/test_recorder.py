@@ -39,6 +39,7 @@ def test_same_losses_values_and_lrs_as_fastai(every):
     assert float(sync_free.smooth_loss) == float(a.losses[-1])
     # The Recorder has fastai's smoothing back after the fit.
     assert type(b.smooth_loss) is AvgSmoothLoss and b.smooth_loss.beta == a.smooth_loss.beta
+    assert b.smooth_loss.count == a.smooth_loss.count and torch.equal(b.smooth_loss.value, a.smooth_loss.value)
 
 
 def test_reads_land_every_n_steps_and_the_progress_bar_shows_them():
