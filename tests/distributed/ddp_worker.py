@@ -250,12 +250,38 @@ def fsdp(rank: int, world: int) -> dict:
     return out
 
 
-SCENARIOS = {"plain": plain, "fastai": fastai, "bigindex": bigindex, "techniques": techniques, "fsdp": fsdp}
+def fsdp_techniques(rank: int, world: int) -> dict:
+    """Every registered technique under `distrib_ctx(fsdp=True)`: refused by name, or a two-epoch fit."""
+    from effilab.registry import all_techniques
+    from effilab.system import distrib_ctx
+    from tests.conftest import make_learner
+
+    out = {}
+    for name, tech in sorted(all_techniques().items()):
+        cb = tech.make()
+        learn = make_learner([cb], n=256, task=tech.task, batchnorm=False)
+        try:
+            with distrib_ctx(learn, fsdp=True):
+                learn.fit(2, 1e-2)
+        except ValueError as e:
+            out[name] = {"refused": str(e)}
+            continue
+        tele = learn.telemetry
+        out[name] = {"telemetry": {s: tele.records(s, "epoch") for s in tele.sources if s != "system"},
+                     "values": [list(map(float, v[:2])) for v in learn.recorder.values],
+                     "model_after": type(learn.model).__name__,
+                     "params": {k: v.detach().clone() for k, v in learn.model.state_dict().items()}}
+    return out
+
+
+SCENARIOS = {"plain": plain, "fastai": fastai, "bigindex": bigindex, "techniques": techniques, "fsdp": fsdp,
+             "fsdp_techniques": fsdp_techniques}
 
 
 def main() -> None:
     scenario, out_dir = sys.argv[1], Path(sys.argv[2])
-    if not dist.is_initialized() and scenario not in ("fastai", "techniques", "fsdp"):  # accelerate sets those up
+    accelerate_inits = ("fastai", "techniques", "fsdp", "fsdp_techniques")  # accelerate sets those up
+    if not dist.is_initialized() and scenario not in accelerate_inits:
         dist.init_process_group("gloo")
     result = SCENARIOS[scenario](int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
     result["backend"] = dist.get_backend()

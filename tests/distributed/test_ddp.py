@@ -324,3 +324,31 @@ def test_fsdp_option_must_be_a_bool_or_module_classes(fsdp):
     with pytest.raises(TypeError, match="fsdp must be"):
         with distrib_ctx(make_learner([]), fsdp=fsdp):
             pass
+
+
+@pytest.fixture(scope="module")
+def fsdp_technique_runs(tmp_path_factory):
+    return _launch("fsdp_techniques", tmp_path_factory.mktemp("ddp_fsdp_techniques"))
+
+
+def test_every_technique_trains_under_fsdp_or_is_refused_by_name(fsdp_technique_runs):
+    from effilab.registry import all_techniques
+    from effilab.system.distributed import FSDP_REFUSED
+
+    r0, r1 = fsdp_technique_runs
+    techniques = all_techniques()
+    assert sorted(set(r0) - {"backend"}) == sorted(techniques)
+    for name in techniques:
+        cls = type(techniques[name].make()).__name__
+        if cls in FSDP_REFUSED:
+            assert f"{cls}: {FSDP_REFUSED[cls]}" in r0[name]["refused"], name
+            continue
+        assert "refused" not in r0[name], r0[name].get("refused")
+        assert r0[name]["model_after"] == r1[name]["model_after"] != "FSDPSequential"
+        assert r0[name]["values"] == r1[name]["values"], name
+        for key, value in r0[name]["params"].items():
+            assert torch.equal(value, r1[name]["params"][key]), f"{name}: {key} differs between ranks"
+        # Timings differ between ranks; every technique's own records agree.
+        mine = {s: v for s, v in r0[name]["telemetry"].items() if s != "fit"}
+        assert mine == {s: v for s, v in r1[name]["telemetry"].items() if s != "fit"}, name
+    assert {n for n in techniques if "refused" in r0[n]} == {"sam", "looksam", "ema", "swa", "lawa", "lamb", "lars"}
