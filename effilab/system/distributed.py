@@ -32,6 +32,11 @@ CPU otherwise) and `distrib_ctx` installs it through its own trainer callback: f
   BatchNorm layers only when the model is not on the CPU; on CPU each rank normalises with its own
   batch statistics, as plain DDP does.
 
+**FSDP2** (`distrib_ctx(learn, fsdp=True)`): `torch.distributed.fsdp.fully_shard` on a one-dimensional
+device mesh instead of DDP. It runs on CPUs with gloo (torch 2.14: sharded DTensor parameters, fastai's
+optimizers stepping on them, the full state dict gathered at the end), so the two-rank tests exercise it;
+on a CPU it only shows the semantics (same results as DDP), not the memory it saves on GPUs.
+
 **Interactions.** Epoch-pruning callbacks (`InfoBatch`, `RandomPrune`) run before the trainer: each
 epoch's plan is made on the real loader and this trainer shards it. Their plans must be the same on
 every rank: at the start of each fit they take rank 0's `seed` (one built with `seed=None` draws it from

@@ -40,7 +40,10 @@ class DeviceSmoothLoss(AvgSmoothLoss):
         self.count += 1
         # A plain tensor: fastai's TensorBase adds a Python `__torch_function__` call to every op.
         loss = maybe_gather(learn.loss.mean().detach().as_subclass(torch.Tensor))
-        self.val = torch.lerp(loss, self.val.to(loss.device, loss.dtype), self.beta)
+        # The first step starts from a zero made where the loss is (fastai's starting zero is a CPU tensor,
+        # and copying it to the GPU would wait).
+        previous = self.val if self.count > 1 else torch.zeros_like(loss)
+        self.val = torch.lerp(loss, previous, self.beta)
 
 
 class SyncFreeRecorder(EffilabCallback):
