@@ -193,7 +193,8 @@ class SystemMonitor(EffilabCallback):
     Averaged over an interval of many steps the host's rate equals the device's (the queue is bounded);
     a high `data_wait_frac` means the loader is the bottleneck only if the GPU also idles
     (`gpu_util` low). With fastai's Recorder, which copies each step's loss to the CPU, host and device
-    stay within a step of each other anyway.
+    stay within a step of each other anyway; with `SyncFreeRecorder` the host runs ahead by up to the
+    queue's depth, which averaging over `every_s` absorbs.
 
     **Overhead.** Two clock reads and a batch-size lookup per training batch, about 10-20 us on a busy
     2-core CPU; one psutil (~25 us), allocator and NVML read every `every_s`. Validation batches are not
