@@ -369,5 +369,6 @@ def fit_budget(self: Learner, budget: Budget, lr=None, schedule: str = "one_cycl
     return self.fit(n_epoch, lr, cbs=[*cbs, SCHEDULES[schedule]()], **kwargs)
 
 
-# A test-friendly budget: 1.5 epochs of the generic learner (512 samples, batches of 32), so a fit stops mid-epoch.
-register("budget", lambda: Budget(768, "samples"), "budget", stateful=True)
+# A test-friendly budget: 2.5 epochs of the generic learner (512 samples, batches of 32): a 3- or 4-epoch fit stops
+# mid-epoch, and the suite's checkpoint after epoch 1 resumes mid-budget (a 2-epoch fit warns that it cannot spend it).
+register("budget", lambda: Budget(1280, "samples"), "budget", stateful=True)

@@ -177,7 +177,8 @@ def step_flops(model: nn.Module, inputs: Sequence[torch.Tensor]) -> int:
     meta_inputs = tuple(_meta_like(x) if isinstance(x, torch.Tensor) else x for x in inputs)
     trainable = [p for p in params.values() if p.requires_grad]
     try:
-        with FlopCounterMode(display=False) as counter:
+        # meta-device dropout still draws from the CPU generator: leave the run's random stream alone
+        with torch.random.fork_rng(devices=[]), FlopCounterMode(display=False) as counter:
             out = functional_call(model, {**params, **buffers}, meta_inputs)
             leaves = [o for o in (out if isinstance(out, (tuple, list)) else (out,))
                       if isinstance(o, torch.Tensor) and o.requires_grad]
@@ -215,7 +216,7 @@ def wsd(p, decay: float = 0.2, shape: str = "1-sqrt"):
     linear (MiniCPM, Hu et al. 2024) or 1 - sqrt (Hägele et al., NeurIPS 2024) of the cooldown's fraction."""
     if p <= 1.0 - decay:
         return 1.0
-    x = min(1.0, (p - (1.0 - decay)) / decay)
+    x = min(1.0, (p - 1.0 + decay) / decay)
     return 1.0 - x if shape == "linear" else 1.0 - math.sqrt(x)
 
 
