@@ -284,7 +284,7 @@ def test_fit_budget_convenience():
     learn = make_learner([])
     budget = Budget(800, "samples")
     learn.fit_budget(budget, 1e-2)
-    assert budget.spent == 800 and budget.stopped_by_budget and learn.n_epoch == 4  # ceil(800 / (480*0.5))
+    assert budget.spent == 800 and budget.stopped_by_budget and learn.n_epoch == 4  # ceil(800 / (512 * 0.5))
     assert not any(isinstance(cb, Budget) for cb in learn.cbs)  # passed to this fit only
     rex = Budget(320, "samples")
     learn.fit_budget(rex, 1e-2, schedule="rex")
