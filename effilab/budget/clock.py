@@ -67,8 +67,11 @@ class Budget(EffilabCallback):
     (compile and warm-up); validation and what runs between epochs are not charged. All three are
     reported. The fit stops when another step, at the mean step time, would end further past the deadline
     than the current one ends before it: the run ends within half a step of the budget, and since p is the
-    elapsed share of the budget the schedules reach their final value there (measured: see
-    `benchmarks/budget_clock.py`). Time is read on the host, after the step was queued: on a GPU the
+    elapsed share of the budget the schedules reach their final value there. Measured with
+    `python -m benchmarks.budget_clock` (MNIST-1D, small MLP, `fit_one_cycle`, budgets of 5, 10 and 20 s,
+    3 runs each, a loaded 2-core CPU, 28-37 ms steps): the training time, timed independently, was within
+    0.6% of the budget in every run; the last step ran at p = 0.993-0.999, its learning rate 2e-4 of the
+    peak or less. Time is read on the host, after the step was queued: on a GPU the
     Recorder's per-step loss read keeps the host within a step of the device.
 
     **Paper.** Li, Yumer & Ramanan, "Budgeted Training: Rethinking Deep Neural Network Training Under

@@ -53,6 +53,10 @@ class ScheduleFree(EffilabCallback):
     else the peak of the fit's (`fit_one_cycle(n, lr_max)`'s `lr_max`); the package advises 1-10x the usual
     AdamW rate and 10-50x the SGD one: it needs tuning.
 
+    **Measured.** In the `LinearDecay` comparison (MNIST-1D, 8k samples, small MLP, lr 1e-2, 3 seeds)
+    schedule-free AdamW reached 64.7 +- 0.6% at 2 epochs of samples (one-cycle 60.1 +- 1.9) and 76.4 +- 0.8%
+    at 8 (one-cycle 75.2 +- 0.9), with the 50-batch BatchNorm pass after each epoch (not in the budget).
+
     **Use.** `Learner(dls, model, cbs=ScheduleFree())` then `learn.fit(...)` or `fit_budget(...,
     schedule="schedule_free")`. Given at `Learner(...)` the optimizer stays on the Learner between fits
     (the next fit continues its state); passed to `fit(cbs=...)` the Learner's own optimizer comes back after

@@ -129,9 +129,13 @@ class LinearDecay(BudgetSchedule):
 
     **Defaults.** `warmup=0` (the paper's), `final=0`. Use a short `warmup` (0.02-0.05) with Adam at high rates.
 
-    **Measured** (MNIST-1D, `benchmarks/budget_clock.py --schedules`, see docs): see the tutorial
-    and `docs/benchmarks.md` for the numbers of this machine; expect it to match or beat one-cycle's cosine
-    tail at small budgets.
+    **Measured.** `python -m benchmarks.budget_schedules` (MNIST-1D, 8k training samples, the small MLP,
+    fastai's Adam (decoupled weight decay) at lr 1e-2, batches of 128, 3 seeds; budgets of 2 and 8 epochs
+    of samples; 2-core CPU) gave validation accuracy % (mean +- std, 2 / 8 epochs): one-cycle 60.1 +- 1.9 /
+    75.2 +- 0.9, linear decay 54.1 +- 2.2 / 72.1 +- 1.0, REX 54.8 +- 3.1 / 73.6 +- 0.9, WSD (1-sqrt, 5%
+    warm-up, 20% cooldown) 58.7 +- 3.1 / 76.6 +- 1.1, schedule-free AdamW 64.7 +- 0.6 / 76.4 +- 0.8.
+    Without a warm-up, at a rate that suits one-cycle's 25% warm-up, linear decay lost 3-6 points to
+    one-cycle there: give Adam a short `warmup` and tune the peak per schedule before comparing.
 
     **Use.** `learn.fit_one_cycle(50, 1e-2, cbs=[Budget(20_000), LinearDecay()])` or
     `learn.fit_budget(Budget(20_000), 1e-2, schedule="linear_decay")`.
@@ -155,6 +159,9 @@ class REX(BudgetSchedule):
     in circulation use other curves; this one is tested against the paper's formula.
 
     **Defaults.** `warmup=0` (the paper's), `final=0`.
+
+    **Measured.** In the `LinearDecay` comparison (MNIST-1D, fastai's Adam at 1e-2, no warm-up) REX was 0.7 and 1.6
+    points above linear decay at 2 and 8 epochs of samples, both below one-cycle (with its warm-up).
 
     **Use.** `learn.fit_budget(Budget(20_000), 1e-2, schedule="rex")`, or `cbs=[Budget(...), REX()]`.
 
@@ -185,6 +192,9 @@ class WSD(BudgetSchedule):
 
     **Defaults.** `warmup=0.05`, `decay=0.2` (Hägele et al.'s cooldown length that matched cosine),
     `cooldown="1-sqrt"`.
+
+    **Measured.** In the `LinearDecay` comparison (MNIST-1D, fastai's Adam at 1e-2) WSD was 1.4 points below
+    one-cycle at 2 epochs of samples (within the seeds' spread) and 1.4 above it at 8.
 
     **Use.** `learn.fit_budget(Budget(20_000), 1e-2, schedule="wsd")`, or `cbs=[Budget(...), WSD(decay=0.1)]`.
 
