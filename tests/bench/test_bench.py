@@ -20,8 +20,7 @@ import torch
 from effilab import bench
 from effilab.__main__ import main
 from effilab.bench import recipes as R
-from effilab.bench.report import html_table
-from effilab.bench.runner import table_rows
+from effilab.bench.table import html_table, table_rows
 from effilab.registry import all_techniques
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -164,7 +163,7 @@ def test_cli_quick_counts_are_consistent(quick_run):
     (["--recipe", "infobatch(ratio=0.3"], "unclosed parenthesis"),
     (["--recipe", "baseline", "--recipe", "baseline"], "each recipe may appear once; repeated: baseline"),
     (["--task", "nosuch"],
-     "unknown task 'nosuch'; valid tasks: mnist1d, digits, fashion-mnist, mnist, cifar10, folder:PATH"),
+     "unknown task 'nosuch'; valid tasks: mnist1d, digits, fashion-mnist, mnist, cifar10, pysource, folder:PATH"),
     (["--task", "digits", "--n-samples", "100"], "--n-samples does not apply to task 'digits'"),
     (["--target-acc", "85"], "--target-acc is a validation accuracy in (0, 1]"),
     (["--epochs", "0"], "must be positive integers"),
@@ -212,7 +211,7 @@ def test_cli_help_and_list(capsys):
     assert rc == 0
     for name in [*R.RECIPES, *all_techniques()]:
         assert name in out
-    assert "infobatch(ratio=0.5, delta=0.875, momentum=None, seed=None)" in out
+    assert "infobatch(ratio=0.5, delta=0.875, momentum=None)" in out
 
 
 # ------------------------------------------------------------------------------------------ output folder
