@@ -162,18 +162,16 @@ class Component:
             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty)
 
     def usage(self) -> str:
-        """`name(arg=default, ...)`, without the internal arguments: `seed` (the run's seed fills it) and
-        those with a leading underscore."""
+        """`name(arg=default, ...)`, without the internal arguments: `seed` (the run's seed fills it),
+        those with a leading underscore, and hooks whose default is no literal (a clock)."""
         sig = self.signature()
         args = []
         if sig is not None:
             for p in sig.parameters.values():
+                # A default that is no literal (a clock, a function) is a hook for Python, not for recipes.
                 if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "seed" \
-                        and not p.name.startswith("_"):
-                    if p.default is p.empty:
-                        args.append(p.name)
-                    else:  # a default that is no literal (a clock, a function) cannot be written in a recipe
-                        args.append(f"{p.name}={p.default!r}" if _json_safe(p.default) else f"{p.name}=...")
+                        and not p.name.startswith("_") and (p.default is p.empty or _json_safe(p.default)):
+                    args.append(p.name if p.default is p.empty else f"{p.name}={p.default!r}")
         args += [f"{n}=None" for n in self.extra if n not in (sig.parameters if sig else {})]
         return f"{self.name}({', '.join(args)})" if args else self.name
 

@@ -456,3 +456,49 @@ def test_summarize_and_table_without_baseline_and_with_failures():
     assert rows[0]["wall_frac"] == pytest.approx(3.0) and rows[0]["samples_frac"] == pytest.approx(0.7)
     assert rows[0]["accuracy_delta"] == pytest.approx(-0.3)
     assert "-30.00" in bench.format_table(rows)
+
+
+# ------------------------------------------------------------------------------------------ components on their task
+
+
+def test_list_describes_components_by_their_method_card_and_hides_internal_arguments(capsys):
+    from effilab.data.infobatch import InfoBatch
+
+    rc, out, _ = _main(capsys, "--list")
+    assert rc == 0
+    lines = out.splitlines()
+    i = lines.index("  seq_len_warmup(start=8, warmup_frac=0.3, multiple=8)")
+    assert lines[i + 1].strip().startswith("Sequence-length warmup:")
+    card = InfoBatch.__doc__.strip().split("\n\n")[0].replace("\n", " ")
+    assert " ".join(lines[lines.index("  infobatch(ratio=0.5, delta=0.875, momentum=None)") + 1].split()) \
+        in " ".join(card.split())
+    assert "seed=" not in out and "clock=" not in out and "pysource" in out
+
+
+def test_seq_len_warmup_runs_on_pysource_and_its_work_counts_tokens(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, stdout, err = _main(capsys, "--task", "pysource", "--quick", "--epochs", "1", "--recipe", "baseline",
+                            "--recipe", "seq_len_warmup", "--out", str(out))
+    assert rc == 0, err
+    runs = {r["recipe"]: r for r in _results(out)["runs"]}
+    base, slw = runs["baseline"], runs["seq_len_warmup"]
+    assert base["work"] == base["samples"] == slw["samples"] > 0  # every window, fewer tokens
+    tokens = slw["telemetry"]["records"]["seq_len_warmup"]["epoch"][-1]
+    assert tokens["tokens_forwarded_total"] < tokens["tokens_full_total"]
+    assert slw["work"] == pytest.approx(slw["samples"] * tokens["tokens_forwarded_total"]
+                                        / tokens["tokens_full_total"])
+    header, rows = _table(stdout)
+    col = header.index("work, fwd+bwd sample passes (% of baseline)")
+    assert rows["seq_len_warmup"][col] == f"{round(slw['work']):,} ({slw['work'] / base['work']:.1%})"
+
+
+def test_work_counts_extra_and_forward_only_passes():
+    c = bench.run("mnist1d", ["baseline", "sam", "selective_backprop(beta=1)"], seeds=[0], epochs=2, bs=64,
+                  task_kwargs={"n_samples": 600}, progress=None, threads=1)
+    base, sam, sb = c
+    assert base.work == base.samples
+    extra = sum(r["extra_samples"] for r in sam.telemetry["records"]["sam"]["epoch"])
+    assert extra == sam.samples and sam.work == 2 * sam.samples  # SAM: a second forward+backward each step
+    # Selective Backprop: the kept samples forwarded and backpropagated, all forwarded once more alone.
+    assert sb.work == pytest.approx(sb.backpropagated + sb.samples / 3)
+    assert "work, fwd+bwd sample passes (% of baseline)" in c.table
