@@ -186,7 +186,7 @@ class _Progress:
         self.total, self.done, self.epochs = total, done, epochs
         self.sink: Callable[[str], None] | None = None
         self.pb = None
-        self.label = ""
+        self.label, self.mode = "", None
         if callable(mode):
             self.sink = mode
             return
@@ -197,11 +197,15 @@ class _Progress:
         if mode not in ("bar", "lines", "notebook"):
             raise ValueError(f"progress must be 'auto', 'bar', 'lines', 'notebook', None or a callable, got {mode!r}")
         self.sink = lambda line: print(line, flush=True)
-        if mode != "lines":
+        self.mode = mode
+
+    def begin(self) -> None:
+        """Show the bar (after the lines that introduce the campaign)."""
+        if self.mode in ("bar", "notebook"):
             from fastprogress.fastprogress import ConsoleProgressBar, NBProgressBar
 
-            bar = NBProgressBar if mode == "notebook" else ConsoleProgressBar
-            n = max(total * epochs, 1)
+            bar = NBProgressBar if self.mode == "notebook" else ConsoleProgressBar
+            n = max(self.total * self.epochs, 1)
             self.pb = bar(range(n), total=n, leave=False)
             self.pb.update(0)
 
@@ -384,6 +388,7 @@ def run(task="mnist1d", recipes: Iterable[str | Recipe | Mapping] = DEFAULT_RECI
                  f"{device.type}" + ("" if out is None else f"; results in {out}"))
         if stored is not None:
             bar.sink(f"resuming {out}: {len(plan) - len(todo)} of {len(plan)} runs done, {len(todo)} to go")
+    bar.begin()
     started = time.perf_counter()
     previous_s = campaign.total_s
     interrupted = False

@@ -502,3 +502,46 @@ def test_work_counts_extra_and_forward_only_passes():
     # Selective Backprop: the kept samples forwarded and backpropagated, all forwarded once more alone.
     assert sb.work == pytest.approx(sb.backpropagated + sb.samples / 3)
     assert "work, fwd+bwd sample passes (% of baseline)" in c.table
+
+
+# ------------------------------------------------------------------------------------------ what a run shows
+
+
+def test_notebook_progress_is_fastprogress_and_cleared_at_the_end(monkeypatch, capsys):
+    import IPython.display
+    from fastprogress.fastprogress import NBProgressBar
+
+    from effilab.bench.campaign import _Progress
+
+    shown = []
+
+    class Handle:
+        def update(self, obj):
+            shown.append(obj)
+
+    monkeypatch.setattr(IPython.display, "display", lambda obj, **k: shown.append(obj) or Handle())
+    bar = _Progress("notebook", total=2, done=0, epochs=3)
+    bar.begin()
+    assert isinstance(bar.pb, NBProgressBar)
+    bar.start_run("baseline", 0)
+    bar.on_epoch(2)
+    assert "baseline seed=0 epoch 2/3" in str(shown[-1])
+    bar.finish_run("[1/2] baseline seed=0: ...")
+    bar.close()
+    assert isinstance(shown[-1], IPython.display.HTML) and shown[-1].data == ""  # cleared
+    assert "[1/2] baseline seed=0: ..." in capsys.readouterr().out
+
+
+def test_peak_memory_is_the_runs_not_the_process_so_far():
+    def vm_hwm_mb():
+        return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("Linux only")
+    big = b"\1" * (600 * 2**20)  # 600 MB resident, then freed: the process's peak stays
+    del big
+    before = vm_hwm_mb()
+    (r,) = bench.run("mnist1d", ["baseline"], seeds=[0], epochs=1, bs=64, task_kwargs={"n_samples": 600},
+                     progress=None, threads=1)
+    assert r.peak_mem_scope == "run" and 0 < r.peak_mem_mb < before - 400, (r.peak_mem_mb, before)
+    assert "peak MB (RSS, per run)" in bench.format_table(bench.summarize([r]))
