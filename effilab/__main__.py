@@ -184,6 +184,7 @@ def bench(parser: argparse.ArgumentParser, args) -> int:
             parser.error(str(e))
     settings.update({key: getattr(args, key) for key in _OPTIONS if getattr(args, key) is not None})
 
+    given = set(settings)  # before a resumed campaign's settings fill in the rest
     stored = None
     if args.resume is not None and Path(args.resume).is_file():
         parser.error(f"--resume {args.resume} is a file: give the campaign's folder (the one holding "
@@ -215,6 +216,8 @@ def bench(parser: argparse.ArgumentParser, args) -> int:
         kwargs = task_kwargs(task_name, settings.get("n_samples"), args.quick)
     except TaskError as e:
         parser.error(str(e))
+    if stored is not None and "n_samples" not in given and stored["config"].get("task_kwargs") is not None:
+        kwargs = stored["config"]["task_kwargs"]  # the loader's arguments as stored (e.g. a --quick size)
     get = lambda key: settings[key] if settings.get(key) is not None else defaults.get(key)
     seeds, epochs, bs, lr = get("seeds"), get("epochs"), get("bs"), get("lr")
     model, width, target = settings.get("model") or "small", settings.get("width"), settings.get("target_acc")

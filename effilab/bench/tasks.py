@@ -15,9 +15,11 @@ __all__ = ["MODELS", "QUICK", "TASK_DEFAULTS", "TASK_NAMES", "TaskError", "load_
            "task_defaults", "task_kwargs"]
 
 # Per task: what a campaign uses when not told otherwise. MNIST-1D's setting is the main job's
-# (3 recipes x 3 seeds: a few minutes on a 2-core CPU); the image tasks are sized for a GPU or patience.
+# (3 recipes x 3 seeds: a few minutes on a 2-core CPU): 36 epochs, where the baseline has converged
+# (its last 6 epochs within 0.4 points; at 12 it still gained 3.6 points in the last 6), so that
+# InfoBatch is compared where its paper's claim is made. The image tasks are sized for a GPU or patience.
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
-    "mnist1d": {"n_samples": 20_000, "epochs": 12, "bs": 128, "lr": 1e-2, "seeds": [0, 1, 2]},
+    "mnist1d": {"n_samples": 20_000, "epochs": 36, "bs": 128, "lr": 1e-2, "seeds": [0, 1, 2]},
     "digits": {"epochs": 20, "bs": 64, "lr": 1e-2, "seeds": [0, 1, 2]},
     "fashion-mnist": {"epochs": 8, "bs": 128, "lr": 1e-2, "seeds": [0, 1, 2]},
     "mnist": {"epochs": 8, "bs": 128, "lr": 1e-2, "seeds": [0, 1, 2]},
