@@ -46,13 +46,14 @@ def _carry_state(learn: Learner, old, migrate: dict) -> None:
 def first_batch(dl) -> tuple:
     """One training batch (`dl.one_batch()`) with the loader's, Python's and torch's random streams put back:
     a data-dependent init must not change the order the fit then sees."""
-    states = (getattr(dl, "rng", None), random.getstate(), torch.get_rng_state())
-    dl_state = states[0].getstate() if states[0] is not None else None
+    rng = getattr(dl, "rng", None)  # fastai replaces `dl.rng` by a new generator on each iteration
+    states = (rng.getstate() if rng is not None else None, random.getstate(), torch.get_rng_state())
     try:
         return dl.one_batch()
     finally:
-        if dl_state is not None:
-            states[0].setstate(dl_state)
+        if rng is not None:
+            rng.setstate(states[0])
+            dl.rng = rng
         random.setstate(states[1])
         torch.set_rng_state(states[2])
 

@@ -9,7 +9,7 @@ from fastai.torch_core import get_model
 
 from ..callback import EffilabCallback
 from ..core.depth import MODES, DepthDropper, _check_prob, linear_decay_keep, pld_keep, pld_theta
-from ..core.residual import require_residual_blocks
+from ..core.residual import require_residual_blocks, residual_blocks
 from ..registry import register
 
 __all__ = ["ProgressiveLayerDrop", "StochasticDepth"]
@@ -53,6 +53,9 @@ class StochasticDepth(EffilabCallback):
     branch, sample mode normalises over the kept samples only. Under DDP, block mode leaves the skipped
     blocks' parameters without gradients: wrap the model with `find_unused_parameters=True`.
 
+    **Interrupted fits.** `after_cancel_fit` removes the hooks; after an exception (Ctrl-C), for which fastai
+    runs no event, they stay inert in eval mode and are removed by the next `fit` or `validate`.
+
     **Telemetry.** Source `"stochastic_depth"`: meta `keep_planned`; stream `"step"` {`fit`, `step`,
     `keep` (per block), `ran` (per block: 1/0, or the fraction of samples in sample mode)}; stream `"epoch"`
     {`fit`, `epoch`, `ran_blocks`, `samples_run`, `samples_seen`, `kept_fraction` (per block), `flops_skipped`,
@@ -87,6 +90,8 @@ class StochasticDepth(EffilabCallback):
                           f"{type(self).__name__} does nothing in this fit", stacklevel=2)
             return
         self._trained = False
+        for block in residual_blocks(model):  # a fit interrupted by an exception left its hooks (no event ran)
+            block.depth_hook = None
         self.dropper = DepthDropper(model, self.mode, self.seed, type(self).__name__)
         self.dropper.stream = self.fit_count
         n = len(self.dropper.blocks)
