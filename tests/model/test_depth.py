@@ -200,3 +200,14 @@ def test_a_second_depth_callback_warns_and_stays_idle():
     with pytest.warns(UserWarning, match="already drops blocks"):
         learn.fit(1, 1e-2)
     assert telemetry_of(learn).records("progressive_layer_drop", "step") == []
+
+
+def test_resnet_small_for_image_tasks_only():
+    from effilab.datasets import TaskData, resnet_small
+
+    task = TaskData(None, None, 10, (1, 28, 28), "fake")
+    model = resnet_small(task, width=8)
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10) and len(residual_blocks(model)) == 4
+    assert model.stem.stride == (2, 2)  # images larger than 16 px start with a stride-2 stem
+    with pytest.raises(ValueError, match="image task"):
+        resnet_small(TaskData(None, None, 10, (40,), "flat"))
