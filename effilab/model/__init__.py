@@ -15,6 +15,7 @@ _LAZY = {
     "LSUVInit": "effilab.model.init",
     "WhitenFirstConv": "effilab.model.init",
     "ModelGrowth": "effilab.model.growth",
+    "ModelWidening": "effilab.model.growth",
 }
 
 __all__ = sorted(_LAZY)

@@ -16,7 +16,7 @@ from ..core.residual import require_residual_blocks
 from ..registry import register
 from ._common import first_batch, rebuild_optimizer
 
-__all__ = ["GrowthError", "ModelGrowth"]
+__all__ = ["GrowthError", "ModelGrowth", "ModelWidening"]
 
 OPS = ("deepen", "widen")
 
@@ -205,6 +205,13 @@ class ModelGrowth(EffilabCallback):
         self._flops_final = state["flops_final"]
 
 
+class ModelWidening(ModelGrowth):
+    """`ModelGrowth` with `op="widen"` (Net2WiderNet): each event multiplies the hidden width of every block's
+    `widen_pairs()` by `factor` (default 2). See `ModelGrowth` for the method card."""
+
+    def __init__(self, at=(0.25, 0.5), factor: float = 2.0, noise: float = 0.01, tol: float = 1e-5, seed: int = 0):
+        super().__init__(at=at, op="widen", factor=factor, noise=noise, tol=tol, seed=seed)
+
+
 register("model_growth", lambda: ModelGrowth(at=(0.3,), op="deepen"), "model", stateful=False, task="sequence")
-register("model_widening", lambda: ModelGrowth(at=(0.3,), op="widen", factor=1.5), "model", stateful=False,
-         task="sequence")
+register("model_widening", lambda: ModelWidening(at=(0.3,), factor=1.5), "model", stateful=False, task="sequence")
