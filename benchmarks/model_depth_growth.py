@@ -105,6 +105,43 @@ def init_scales(args) -> list[dict]:
     return rows
 
 
+def init_steps_to_target(args) -> list[dict]:
+    """Steps of SGD until a deep residual MLP without normalisation reaches `--target-acc` on held-out data
+    (checked every 10 steps), per init and seed."""
+    rows = []
+    for seed in range(args.seeds):
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(12, 4, generator=g)
+        x = torch.randn(4096, 12, generator=g)
+        y = (x @ w + 0.5 * torch.randn(4096, 4, generator=g)).argmax(1)
+        xt, yt, xv, yv = x[:3072], y[:3072], x[3072:], y[3072:]
+        for name, prepare in (("default", lambda m: None), ("fixup", fixup_),
+                              ("rezero", lambda m: insert_gates(m, 0.0))):
+            torch.manual_seed(seed)
+            model = nn.Sequential(nn.Linear(12, 64), *[Residual(nn.Sequential(nn.Linear(64, 64), nn.ReLU(),
+                                                                              nn.Linear(64, 64)))
+                                                       for _ in range(args.depth)], nn.Linear(64, 4))
+            prepare(model)
+            opt = torch.optim.SGD(model.parameters(), args.init_lr, momentum=0.9)
+            reached = None
+            for step in range(1, args.max_steps + 1):
+                idx = torch.randint(0, len(xt), (64,), generator=g)
+                loss = F.cross_entropy(model(xt[idx]), yt[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if step % 10 == 0:
+                    with torch.no_grad():
+                        acc = float((model(xv).argmax(1) == yv).float().mean())
+                    if not torch.isfinite(loss):
+                        break
+                    if acc >= args.target_acc:
+                        reached = step
+                        break
+            rows.append({"init": name, "seed": seed, "steps": reached})
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
@@ -114,9 +151,14 @@ def main():
     parser.add_argument("--final-keep", type=float, default=0.5)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--depth", type=int, default=32, help="residual blocks of the init MLP")
+    parser.add_argument("--target-acc", type=float, default=0.85)
+    parser.add_argument("--init-lr", type=float, default=0.02)
+    parser.add_argument("--max-steps", type=int, default=1500)
+    parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args()
     if args.quick:
         args.bs, args.width, args.blocks, args.repeats, args.depth = 32, 8, 2, 5, 8
+        args.max_steps, args.seeds = 200, 1
     apply_threads(args)
     m = machine()
     print(machine_line(m))
@@ -136,8 +178,13 @@ def main():
     print(table(["init", "act std, first block", "act std, last block", "first layer weight-grad norm"],
                 [[r["init"], f"{r['first_block_act_std']:.3g}", f"{r['last_block_act_std']:.3g}",
                   f"{r['first_layer_weight_grad']:.3g}"] for r in init]))
+    steps = init_steps_to_target(args)
+    print(f"\nSteps to {args.target_acc:.0%} held-out accuracy (SGD lr {args.init_lr}, momentum 0.9, batch 64; "
+          f"None: not within {args.max_steps} steps or diverged), per seed\n")
+    print(table(["init", "steps per seed"], [[name, [r["steps"] for r in steps if r["init"] == name]]
+                                             for name in ("default", "fixup", "rezero")]))
     path = write_json("model_depth_growth" + ("_quick" if args.quick else ""),
-                      {"args": vars(args), "depth": depth, "growth": growth, "init": init})
+                      {"args": vars(args), "depth": depth, "growth": growth, "init": init, "steps_to_target": steps})
     print(f"\nwrote {path}")
 
 

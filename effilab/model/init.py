@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from fastai.torch_core import get_model
 
 from ..callback import EffilabCallback
@@ -181,8 +182,6 @@ class LSUVInit(InitCallback):
         self.max_iter, self.seed = max_iter, seed
 
     def apply(self) -> dict:
-        import torch
-
         xb = first_batch(self.learn.dls.train)[:getattr(self.learn.dls, "n_inp", 1)]
         x = xb[0].as_subclass(torch.Tensor)
         gen = torch.Generator(device=x.device).manual_seed(self.seed)
@@ -230,8 +229,6 @@ class WhitenFirstConv(InitCallback):
         first_conv(model)
 
     def _images(self):
-        import torch
-
         dl = self.learn.dls.train
         ds = dl.dataset
         n = min(self.n_images, len(ds))

@@ -134,7 +134,7 @@ class _AssertGateZeroAtStart(Callback):
 
     def before_batch(self):
         if self.training and self.iter == 0:
-            assert float(self.learn.model.blocks[0].gate) == 0.0
+            assert float(self.learn.model.blocks[0].gate.detach()) == 0.0
 
 
 def test_a_gated_checkpoint_loads_into_a_plain_model(tmp_path):
