@@ -79,6 +79,8 @@ class ResidualGates(InitCallback):
 
     **What it saves.** Nothing per step (one multiply per block). It may save steps to a target accuracy
     and lets deep networks without normalisation train at all; on shallow normalised models expect little.
+    Measured (`benchmarks/model_depth_growth.py`, a 32-block residual MLP without normalisation, SGD): 30, 30,
+    30 steps to 85% held-out accuracy over 3 seeds, against 40, 80, 70 with the default init (Fixup: 40, 40, 30).
 
     **Defaults.** `init=0.0` (ReZero's and SkipInit's choice).
 
