@@ -157,6 +157,7 @@ class DynamicSparsity:
         self.n_active = [min(n, max(1, round(f * n))) for f, n in zip(fractions, self.numels)]
         self.step = 0  # optimizer steps taken (the schedule's position)
         self.n_updates = 0
+        self.skipped: list[str] = []  # the layers the last update left alone (RigL: no gradient)
         self.bind(model)
         g = torch.Generator(device="cpu").manual_seed(derive_seed(self.seed, -1))
         self.masks = [self._top(torch.rand(n, generator=g).to(p.device), k).view_as(p)
@@ -229,20 +230,24 @@ class DynamicSparsity:
         """Drop `fraction` of each sparse layer's active weights (the smallest |w|) and regrow as many among
         the others (RigL: largest |grad|; SET: at random). Regrown weights and their optimizer state start at
         zero (they were masked); dropped ones are zeroed (the weights only with `mask_weights`, else by the
-        next `after_step`). Returns each sparse layer's churn (a device scalar)."""
+        next `after_step`). Returns each sparse layer's churn (a device scalar).
+
+        RigL keeps the mask of a layer that has no gradient at this step (a layer frozen, or a block that
+        stochastic depth dropped, has none to regrow by): its churn is 0 and its name is in `self.skipped`."""
         g = None
         churn = []
+        self.skipped = []
         for i in self._sparse_idx:
             p, old, k_active = self.params[i], self.masks[i], self.n_active[i]
             k = int(fraction * k_active)
-            if k == 0:
+            if k == 0 or (self.method == "rigl" and p.grad is None):
+                if k and p.grad is None:
+                    self.skipped.append(self.names[i])
                 churn.append(torch.zeros((), device=p.device))
                 continue
             neg_inf = torch.tensor(float("-inf"), device=p.device)
             kept = self._top(torch.where(old, p.detach().abs().float(), neg_inf), k_active - k).view_as(old)
             if self.method == "rigl":
-                if p.grad is None:
-                    raise RuntimeError(f"RigL regrows by gradient, but {self.names[i]}.weight has none at this step")
                 score = p.grad.detach().abs().float()
             else:
                 if g is None or g.device != p.device:

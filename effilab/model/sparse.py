@@ -74,7 +74,9 @@ class DynamicSparse(EffilabCallback):
     `density`, `dense_flops` (forward FLOPs per sample of each sparse layer, measured on the first batch),
     `sparse_flops`, `flops_fraction`. Stream `"epoch"`: `fit`, `epoch`, `step`, `updates`, `density`,
     `densities`, `flops_fraction`. Stream `"update"`: `fit`, `step`, `fraction`, `churn` (per sparse
-    layer, the fraction of its active weights that are new). Stream `"first_layer"`: `epoch`, `shape` and
+    layer, the fraction of its active weights that are new), `skipped` (the layers RigL left as they were
+    because they had no gradient at that step: frozen by `LayerFreezing`, or in a block stochastic depth
+    dropped). Stream `"first_layer"`: `epoch`, `shape` and
     `in_degree` (surviving connections per input unit of the first layer, flat: reshape it to the image;
     also `cb.first_layer_mask()`). Stream `"timing"` (this machine's clock, so not identical across
     ranks): `epoch`, `train_s`, `steps`.
@@ -154,7 +156,7 @@ class DynamicSparse(EffilabCallback):
         churn = self.sparsity.before_step(progress, self._opt_state)
         if churn is not None:
             fraction = cosine_drop_fraction(progress, self.sparsity.alpha, self.sparsity.end_frac)
-            self._pending.append((step, fraction, churn))
+            self._pending.append((step, fraction, churn, list(self.sparsity.skipped)))
 
     def after_step(self):
         if self._in_fit and self.training:
@@ -179,11 +181,11 @@ class DynamicSparse(EffilabCallback):
 
     def _report_updates(self):
         if self._pending:
-            stacked = torch.stack([torch.stack(c) if c else torch.zeros(0) for _, _, c in self._pending])
+            stacked = torch.stack([torch.stack(c) if c else torch.zeros(0) for _, _, c, _ in self._pending])
             churns = stacked.tolist()  # sync-ok: once per epoch
-            for (step, fraction, _), churn in zip(self._pending, churns):
+            for (step, fraction, _, skipped), churn in zip(self._pending, churns):
                 self.telemetry.record(self.telemetry_name, "update", fit=self.fit_count, step=step,
-                                      fraction=fraction, churn=churn)
+                                      fraction=fraction, churn=churn, skipped=skipped)
             self._pending = []
 
     def after_fit(self):

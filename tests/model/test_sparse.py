@@ -81,6 +81,38 @@ def test_rigl_drops_the_smallest_and_regrows_the_largest_gradients():
     assert torch.all(w.detach()[~new] == 0) and torch.all(w.detach()[new & ~old] == 0)  # regrown start at 0
 
 
+def test_rigl_keeps_the_mask_of_a_layer_without_gradient():
+    model = _mlp()
+    sp = DynamicSparsity(model, density=0.3, method="rigl", seed=0)
+    model(torch.randn(8, 20)).square().mean().backward()
+    model[0].weight.grad = None  # a frozen layer, or one in a dropped block: nothing to regrow by
+    before = [m.clone() for m in sp.masks]
+    churn = sp.update(0.3)
+    assert sp.skipped == ["0"]
+    assert torch.equal(sp.masks[0], before[0]) and float(churn[0]) == 0
+    assert not torch.equal(sp.masks[1], before[1]) and float(churn[1]) > 0
+    assert [int(m.sum()) for m in sp.masks] == sp.n_active
+    sp.update(0.3)  # every layer has its gradient again
+    model[0].weight.grad = torch.rand_like(model[0].weight)
+    sp.update(0.3)
+    assert sp.skipped == []
+
+
+def test_rigl_beside_layer_freezing_skips_the_frozen_layers_and_says_so():
+    from effilab.model import LayerFreezing
+
+    cb = RigL(density=0.3, delta_t=2, seed=0, end_frac=1.0)
+    learn = make_learner([cb, LayerFreezing(start=0.2, end=0.5)], n=256, batchnorm=False)
+    learn.fit(2, 1e-2)
+    updates = telemetry_of(learn).records("sparse", "update")
+    skipped = [u["skipped"] for u in updates]
+    assert skipped[0] == [] and ["0"] in skipped, skipped  # the first layer froze, RigL left it alone
+    for u in updates:
+        assert all(c == 0 for name, c in zip(["0", "2"], u["churn"]) if name in u["skipped"])
+    for p, m, k in zip(cb.sparsity.params, cb.sparsity.masks, cb.sparsity.n_active):
+        assert torch.all(p.detach()[~m] == 0) and int(m.sum()) == k
+
+
 def test_set_regrows_at_random_from_its_own_generator():
     def masks_after(seed):
         model = _mlp()
