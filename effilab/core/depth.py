@@ -57,6 +57,13 @@ def pld_keep(n_blocks: int, progress: float, theta_bar: float = 0.5, gamma: floa
     return linear_decay_keep(n_blocks, pld_theta(progress, theta_bar, gamma))
 
 
+def _host(t: torch.Tensor) -> torch.Tensor:
+    """Mark a CPU draw as host memory (the `_effilab_host` flag of `effilab.system.recorder.host_buffer`): reading
+    it waits for no device, which a check that emulates CUDA's synchronisation on the CPU must know."""
+    t._effilab_host = True
+    return t
+
+
 def _mix(*parts: int) -> int:
     """A 63-bit seed from integers (one generator stream per (seed, fit, step, block)): exact resume needs
     nothing but the step counter."""
@@ -166,14 +173,14 @@ class DepthDropper:
         self.flops_blocks += 3 * per_sample * n
         self._gen.manual_seed(_mix(self.seed, self.stream, self.step, i))
         if self.mode == "block":
-            if keep < 1.0 and torch.rand((), generator=self._gen) >= keep:  # sync-ok: a CPU draw, no device read
+            if keep < 1.0 and _host(torch.rand((), generator=self._gen)).item() >= keep:  # sync-ok: a CPU draw
                 self.flops_skipped += 3 * per_sample * n
                 self.dropped.append(block)
                 return block.shortcut(x)
             self._ran(i, n, n)
             self.ran_since_step.append(block)
             return block.shortcut(x) + block.scaled_branch(block.branch(x)) / keep
-        kept = (torch.rand(n, generator=self._gen) < keep).nonzero().flatten()  # sync-ok: CPU draw, no device read
+        kept = _host(torch.rand(n, generator=self._gen) < keep).nonzero().flatten()  # sync-ok: a CPU draw
         m = kept.numel()
         self.flops_skipped += 3 * per_sample * (n - m)
         out = block.shortcut(x)
