@@ -114,6 +114,7 @@ def widen_(block: ResidualBlock, factor: float = 2.0, generator: torch.Generator
         device = producer.weight.device
         extra = torch.randint(0, n_old, (n_new - n_old,), generator=generator)
         g = torch.cat([torch.arange(n_old), extra])
+        g._effilab_host = True  # a CPU draw: counting it waits for no device (see effilab.system.recorder.host_buffer)
         counts = torch.bincount(g, minlength=n_old).double()
         frac = 1.0 / counts[g]
         if noise:
