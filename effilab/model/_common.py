@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import torch
 from fastai.learner import Learner
+from fastai.optimizer import OptimWrapper
 
 __all__ = ["first_batch", "rebuild_optimizer"]
 
@@ -28,19 +29,29 @@ def rebuild_optimizer(learn: Learner, migrate: dict | None = None) -> None:
             cb.after_model_change()
 
 
+def _groups_and_state(opt) -> tuple[list[dict], dict]:
+    """The per-group settings and the per-parameter state of a fastai `Optimizer` (`hypers`, `state`) or of the
+    torch optimizer inside an `OptimWrapper` (whose `hypers` are fresh copies and whose own `state` is unused)."""
+    if isinstance(opt, OptimWrapper):
+        return opt.opt.param_groups, opt.opt.state
+    return opt.hypers, opt.state
+
+
 def _carry_state(learn: Learner, old, migrate: dict) -> None:
     learn.create_opt()
     new = learn.opt
-    for h_new, h_old in zip(new.hypers, old.hypers):
-        h_new.update(h_old)
+    (new_groups, new_state), (old_groups, old_state) = _groups_and_state(new), _groups_and_state(old)
+    for g_new, g_old in zip(new_groups, old_groups):
+        # every setting but the parameters: lr, betas, and an optimizer's own (schedule-free's train_mode, k)
+        g_new.update({k: v for k, v in g_old.items() if k != "params" and k in g_new})
     for group in new.param_lists:
         for p in group:
-            if p in old.state:
-                new.state[p] = old.state[p]
+            if p in old_state:
+                new_state[p] = old_state[p]
             elif p in migrate:
                 old_p, fn = migrate[p]
-                if old_p in old.state:
-                    new.state[p] = {**new.state.get(p, {}), **fn(old.state[old_p])}
+                if old_p in old_state:
+                    new_state[p] = {**new_state.get(p, {}), **fn(old_state[old_p])}
 
 
 def first_batch(dl) -> tuple:
