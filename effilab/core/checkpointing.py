@@ -15,6 +15,7 @@ backward, choose blocks to fit a memory budget, and wrap their forward in `torch
 from __future__ import annotations
 
 import contextlib
+import types
 from collections.abc import Iterator
 from functools import partial
 
@@ -76,17 +77,21 @@ def wrap_forward(module: nn.Module, selective: bool = False) -> None:
     gradients are on (training); plain otherwise. `restore_forward` undoes it."""
     if "_effilab_forward" in module.__dict__:
         return
-    original = module.forward
-    context_fn = (partial(create_selective_checkpoint_contexts, keep_matmuls_policy) if selective
-                  else _noop_contexts)
-
-    def forward(*args, **kwargs):
-        if not torch.is_grad_enabled():
-            return original(*args, **kwargs)
-        return checkpoint(original, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
-
     module.__dict__["_effilab_forward"] = module.__dict__.get("forward")  # an instance forward, if any
-    module.forward = forward
+    module.__dict__["_effilab_selective"] = selective
+    # A method bound to the module, not a closure over it: `copy.deepcopy` (model growth copying a block, a
+    # FLOP count on a copy) binds the copy's forward to the copy, so the copy computes with its own weights.
+    module.forward = types.MethodType(_checkpointed_forward, module)
+
+
+def _checkpointed_forward(module: nn.Module, *args, **kwargs):
+    previous = module.__dict__["_effilab_forward"]
+    original = previous if previous is not None else types.MethodType(type(module).forward, module)
+    if not torch.is_grad_enabled():
+        return original(*args, **kwargs)
+    context_fn = (partial(create_selective_checkpoint_contexts, keep_matmuls_policy)
+                  if module.__dict__["_effilab_selective"] else _noop_contexts)
+    return checkpoint(original, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
 
 
 def restore_forward(module: nn.Module) -> None:
@@ -94,6 +99,7 @@ def restore_forward(module: nn.Module) -> None:
     if "_effilab_forward" not in module.__dict__:
         return
     previous = module.__dict__.pop("_effilab_forward")
+    module.__dict__.pop("_effilab_selective", None)
     if previous is None:
         del module.forward
     else:

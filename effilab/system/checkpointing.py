@@ -141,7 +141,9 @@ class ActivationCheckpointing(EffilabCallback):
         self._restore()
 
     def _restore(self):
-        for m in self._wrapped:
+        # and every copy of a wrapped block in the model (model growth deepens by copying blocks)
+        model = get_model(self.learn.model) if getattr(self, "learn", None) is not None else None
+        for m in [*self._wrapped, *(model.modules() if model is not None else ())]:
             restore_forward(m)
         self._wrapped, self._pending = [], False
 

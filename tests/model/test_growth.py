@@ -134,6 +134,45 @@ def test_callback_grows_at_the_planned_points_keeps_the_loss_and_the_optimizer_s
     assert last["saved_frac"] == pytest.approx(planned["planned_saving"], abs=0.02)
 
 
+def test_growth_keeps_a_torch_optimizers_state_and_settings():
+    """Under fastai's `OptimWrapper` (a torch optimizer) the moments and each group's settings live in the torch
+    optimizer: the rebuilt one has them."""
+    from functools import partial
+
+    from fastai.optimizer import OptimWrapper
+
+    opt_func = partial(OptimWrapper, opt=partial(torch.optim.Adam, betas=(0.8, 0.99)))
+    learn = make_learner([ModelGrowth(at=(0.5,), op="deepen")], task="sequence", opt_func=opt_func)
+    old_params = list(learn.model.parameters())
+    learn.fit(2, 1e-3)
+    inner = learn.opt.opt
+    assert inner.param_groups[0]["betas"] == (0.8, 0.99)
+    assert all(int(inner.state[p]["step"]) == 2 * len(learn.dls.train) for p in old_params)  # not restarted
+
+
+def test_growth_beside_schedule_free_keeps_its_train_mode_and_averages():
+    from effilab.budget import ScheduleFree
+
+    sf = ScheduleFree(bn_batches=0)
+    learn = make_learner([ModelGrowth(at=(0.5,), op="deepen"), sf], task="sequence")
+    old_params = list(learn.model.parameters())
+    learn.fit(2, 1e-3)
+    assert len(learn.model.blocks) == 2 and not learn.opt.opt.param_groups[0]["train_mode"]
+    assert all("z" in learn.opt.opt.state[p] for p in old_params)
+    assert learn.opt.opt.param_groups[0]["k"] == 2 * len(learn.dls.train)
+
+
+def test_growth_beside_activation_checkpointing_preserves_the_function_and_unwraps_every_block():
+    from effilab.system import ActivationCheckpointing
+
+    learn = make_learner([ModelGrowth(at=(0.5,), op="deepen"), ActivationCheckpointing()], task="sequence")
+    learn.fit(2, 1e-3)
+    events = telemetry_of(learn).records("growth", "event")
+    assert len(events) == 1 and events[0]["max_abs_change"] < 1e-5
+    assert len(learn.model.blocks) == 2
+    assert not any("forward" in m.__dict__ for m in learn.model.modules()), "a forward left checkpointed"
+
+
 def test_widening_callback_trains_and_reports():
     learn = make_learner([ModelGrowth(at=(0.5,), op="widen", factor=2.0)], task="sequence")
     learn.fit(2, 1e-3)
