@@ -14,6 +14,9 @@ _LAZY = {
     "FitRecorder": "effilab.system.fit_recorder",
     "ActivationCheckpointing": "effilab.system.checkpointing",
     "Profiler": "effilab.system.profiler",
+    "DeviceDataLoader": "effilab.system.device_loader",
+    "DeviceDataLoaders": "effilab.system.device_loader",
+    "Augment": "effilab.core.device_data",
 }
 
 __all__ = sorted(_LAZY)
