@@ -69,11 +69,27 @@ class DeviceDataLoader(DataLoader):
     # -- fastai DataLoader API
     def __iter__(self):
         self.before_iter()
+        gen, order = self._generator(), self.plan
+        if order is None:
+            order = epoch_order(self.n, self.shuffle, gen, self.device)
+        yield from (self.after_batch(b) for b in self._batches(order, gen))
+        self.after_iter()
+
+    def create_batches(self, samps):
+        # fastai's own machinery (e.g. its DistributedDL) drives a loader through host indices: gather them
+        # as device batches (one host-to-device copy of the indices per pass).
+        yield from self._batches(torch.as_tensor(list(samps), dtype=torch.long, device=self.device), self._generator())
+
+    def _generator(self) -> torch.Generator | None:
         root = self._parent or self
-        epoch, device = root.epoch, self.device
-        needs_rng = self.plan is None and self.shuffle or self.augment is not None and self.train
-        gen = epoch_generator(device, self.seed, epoch) if needs_rng else None
-        order = self.plan if self.plan is not None else epoch_order(self.n, self.shuffle, gen, device)
+        if self.plan is None and self.shuffle or self.augment is not None and self.train:
+            return epoch_generator(self.device, self.seed, root.epoch)
+        return None
+
+    def _batches(self, order: torch.Tensor, gen: torch.Generator | None):
+        """The pass over `order`: gathered, augmented batches; `batch_idx` is each one's indices."""
+        root = self._parent or self
+        epoch = root.epoch
         alternate = root._flip_base() if self.train and self.augment is not None and \
             self.augment.flip == "alternate" else None
         for idx in batch_plan(order, self.bs, self.drop_last):
@@ -81,19 +97,10 @@ class DeviceDataLoader(DataLoader):
             if self.augment is not None:
                 x = self.augment(x, idx, self.train, gen, alternate, epoch)
             self.batch_idx = idx
-            yield self.after_batch((x, y))
+            yield x, y
         self.batch_idx = None
         if self.train:
             root.epoch += 1
-        self.after_iter()
-
-    def create_batches(self, samps):
-        # fastai's own machinery (e.g. its DistributedDL) drives a loader through host indices: gather them
-        # as device batches (one host-to-device copy of the indices per pass).
-        idx = torch.as_tensor(list(samps), dtype=torch.long, device=self.device)
-        for b in batch_plan(idx, self.bs, self.drop_last):
-            self.batch_idx = b
-            yield self.dataset.gather(b)
 
     def get_idxs(self):
         if self.plan is not None:

@@ -126,6 +126,28 @@ def test_a_fastai_learner_trains_predicts_and_exports_on_it(tmp_path):
     pickle.loads(pickle.dumps(learn.dls))
 
 
+def test_a_run_resumed_mid_way_continues_identically(tmp_path):
+    from effilab.data import InfoBatch
+
+    class SaveAt(Callback):
+        def after_epoch(self):
+            if self.epoch == 1:
+                self.learn.save_checkpoint("mid")
+
+    def learner(cbs, model_seed=0):
+        learn = make_learner(cbs, task="image", path=tmp_path, model_seed=model_seed)
+        learn.dls = _dls("image", augment=Augment(flip="alternate", translate=2), seed=0)  # shuffled
+        return learn
+
+    full = learner([InfoBatch(0.5, delta=0.75, seed=0), SaveAt()])
+    full.fit_one_cycle(4, 1e-2)
+    resumed = learner([InfoBatch(0.5, delta=0.75, seed=0)], model_seed=1)
+    start = resumed.load_checkpoint("mid")
+    resumed.dls.train.set_epoch(start)  # the loader's shuffle and augmentation draws of that epoch
+    resumed.fit_one_cycle(4, 1e-2, start_epoch=start)
+    assert torch.allclose(params_of(full), params_of(resumed), atol=1e-6), "resumed run diverged"
+
+
 class PlanLog(Callback):
     """The plan each epoch trains on (after the technique planned it) and the indices of every batch."""
 
