@@ -211,6 +211,41 @@ def test_every_data_technique_runs_on_it_as_on_fastais_loader(name, monkeypatch)
     assert torch.allclose(params_of(standard), params_of(learn), atol=1e-5), "not the same training"
 
 
+@pytest.mark.parametrize("name", DATA)
+def test_a_whole_fit_on_it_reads_nothing_from_the_device_between_batches(name, monkeypatch):
+    """With `SyncFreeRecorder`, shuffling and augmentation: no host read (strictly counted, by any code) from
+    the first step of an epoch to its end, the loader's making of each next batch included."""
+    from effilab.system import SyncFreeRecorder
+
+    from .test_no_sync import HostReadCounter
+
+    counter = HostReadCounter(monkeypatch)
+
+    class Open(Callback):
+        order = -1000
+
+        def before_batch(self):
+            if self.training:
+                counter.per_batch.append([])
+                counter.open = True
+
+    class Close(Callback):
+        order = -1000
+
+        def after_train(self):
+            counter.open = False
+
+    task = TECHNIQUES[name].task
+    learn = make_learner([TECHNIQUES[name].make(), SyncFreeRecorder(every=4), Open(), Close()], task=task, n=256)
+    augment = Augment(flip="alternate", translate=2, mean=(0.0,), std=(2.0,)) if task == "image" else None
+    learn.dls = _dls(task, n=256, augment=augment, seed=0)
+    with counter:
+        learn.fit(2, 1e-2)
+    assert len(counter.per_batch) >= 10
+    bad = [(i, reads) for i, reads in enumerate(counter.per_batch) if reads]
+    assert not bad, f"{name}: host reads between training batches: {bad[:3]}"
+
+
 def test_plans_stay_on_the_device_with_augmentation_and_shuffling(monkeypatch):
     from effilab.data import InfoBatch
 
