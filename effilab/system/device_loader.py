@@ -32,7 +32,8 @@ class DeviceDataLoader(DataLoader):
     `follow_plan(indices)` is the loader of one epoch that trains on a device tensor of dataset indices
     in that order (a pruning or sampling plan): the data techniques hand their plans to it without a
     host copy. The pass number that seeds shuffling and augmentation counts completed training passes;
-    `set_epoch(e)` sets it (to resume a run at epoch `e` with the same draws).
+    `set_epoch(e)` sets it (to resume a run at epoch `e` with the same draws). Under DDP fastai's
+    `DistributedDL` shards it through host indices (`get_idxs`, `create_batches`): one copy per epoch.
     """
 
     def __init__(self, dataset: DeviceTensors | None = None, bs: int = 64, shuffle: bool = False,

@@ -72,6 +72,25 @@ def test_a_plan_is_followed_as_given_on_the_device():
         dls.train.follow_plan(torch.rand(4))
 
 
+def test_fastais_distributed_loader_shards_a_plan(monkeypatch):
+    """Under DDP fastai wraps the training loader in its DistributedDL, which drives it by host indices."""
+    from fastai.distributed import DistributedDL
+
+    monkeypatch.setattr(DistributedDL, "_broadcast", lambda self, t, rank: list(t))  # one process: no collective
+    dls = _dls(bs=4, augment=None)
+    plan = torch.arange(40).flip(0)
+    shards = []
+    for rank in (0, 1):
+        view = dls.train.follow_plan(plan)
+        ddl = DistributedDL(view, rank=rank, world_size=2)
+        idx = []
+        for xb, _ in ddl:
+            assert torch.equal(xb, dls.train.dataset.x[view.batch_idx])
+            idx.append(view.batch_idx)
+        shards.append(torch.cat(idx))
+    assert torch.equal(torch.cat(shards), plan), "each rank trains on its half of the plan"
+
+
 def test_flip_translate_and_normalise_as_batched_ops():
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (64, 2, 8, 8), generator=g, dtype=torch.uint8)
