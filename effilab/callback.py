@@ -11,12 +11,13 @@ from fastai.callback.core import Callback
 from fastai.layers import NoneReduce
 from fastai.learner import Learner
 from fastai.torch_core import distrib_barrier
+from fastcore.basics import noop
 
 from .core.distributed import rank
 from .core.telemetry import Telemetry
 
-__all__ = ["PER_BATCH_EVENTS", "EffilabCallback", "load_checkpoint", "per_sample_losses", "save_checkpoint",
-           "telemetry_of"]
+__all__ = ["PER_BATCH_EVENTS", "EffilabCallback", "load_checkpoint", "per_sample_loss_parts", "per_sample_losses",
+           "save_checkpoint", "telemetry_of"]
 
 
 def telemetry_of(learn: Learner) -> Telemetry:
@@ -47,6 +48,13 @@ class EffilabCallback(Callback):
     def telemetry(self) -> Telemetry:
         return telemetry_of(self.learn)
 
+    def after_cancel_fit(self):
+        """Restore whatever this callback changed on the Learner (loss, loaders, weights, ...).
+
+        Runs when a fit is cancelled (then `after_fit` follows) and when any exception leaves a fit
+        (effilab fires it then; fastai fires no event). It may run when this callback never
+        changed anything, or twice: it must be idempotent."""
+
     def state_dict(self) -> dict:
         return {}
 
@@ -54,11 +62,15 @@ class EffilabCallback(Callback):
         pass
 
 
-def per_sample_losses(loss_func, pred, *yb, n: int) -> torch.Tensor:
-    """The Learner's loss, one value per sample (shape `(n,)`), through fastai's `NoneReduce`.
+def per_sample_loss_parts(loss_func, pred, *yb, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Learner's loss per sample as `(sums, counts)`, both of shape `(n,)`: the sum of each sample's
+    element losses (one element for a classifier, T for a sequence of T tokens) and how many of them count,
+    i.e. whose target is not the loss's `ignore_index`. Through fastai's `NoneReduce`.
 
+    The wrapped loss's reductions are then exact: `sums.sum()` for 'sum', `sums.sum() / counts.sum()` for
+    'mean' (ignored elements count in neither), and `sums / counts` is each sample's own mean loss.
     Works for fastai losses (`CrossEntropyLossFlat`, ...), `nn.*Loss` modules and functions that take
-    `reduction=`. Element-wise losses (segmentation, sequences) are averaged per sample.
+    `reduction=`.
     """
     try:
         with NoneReduce(loss_func) as lf:
@@ -75,8 +87,22 @@ def per_sample_losses(loss_func, pred, *yb, n: int) -> torch.Tensor:
             "it must return one value per sample (or per element of each sample)")
     # fastai's losses come back as `TensorBase`, whose Python-level `__torch_function__` makes every
     # later op several times slower; the per-step path works on plain tensors (gradients still flow).
-    losses = losses.as_subclass(torch.Tensor)
-    return losses.reshape(n, -1).mean(1) if losses.numel() != n else losses.reshape(n)
+    losses = losses.as_subclass(torch.Tensor).reshape(n, -1)
+    ignore_index = getattr(loss_func, "ignore_index", None)
+    target = yb[0] if yb and isinstance(yb[0], torch.Tensor) else None
+    if (ignore_index is not None and target is not None and not target.is_floating_point()
+            and target.numel() == losses.numel()):
+        counts = (target.as_subclass(torch.Tensor).reshape(n, -1) != ignore_index).sum(1).to(losses.dtype)
+    else:
+        counts = torch.full((n,), float(losses.shape[1]), dtype=losses.dtype, device=losses.device)
+    return losses.sum(1), counts
+
+
+def per_sample_losses(loss_func, pred, *yb, n: int) -> torch.Tensor:
+    """The Learner's loss, one value per sample (shape `(n,)`): each sample's mean over its elements
+    that count (see `per_sample_loss_parts`); 0 for a sample whose every element is ignored."""
+    sums, counts = per_sample_loss_parts(loss_func, pred, *yb, n=n)
+    return sums / counts.clamp_min(1)
 
 
 def _effilab_callbacks(learn: Learner):
@@ -121,6 +147,26 @@ def load_checkpoint(learn: Learner, name: str, with_opt: bool = True, device=Non
         cbs[cb_name].load_state_dict(cb_state)
     telemetry_of(learn).__setstate__(state["telemetry"])
     return state["resume_epoch"]
+
+
+_fastai_with_events = getattr(Learner._with_events, "__wrapped__", Learner._with_events)  # not ours on re-import
+
+
+def _with_events(self, f, event_type, ex, final=noop):
+    # fastai fires no event when an exception other than its Cancel*Exception (an error, Ctrl-C) leaves a
+    # fit, then removes the callbacks passed as `fit(cbs=...)`: fire its cancel event here, while they are
+    # still attached, so that every callback restores what it changed (loss, loaders, weights) on any exit.
+    if event_type != "fit":
+        return _fastai_with_events(self, f, event_type, ex, final)
+    try:
+        return _fastai_with_events(self, f, event_type, ex, final)
+    except BaseException:
+        self("after_cancel_fit")
+        raise
+
+
+_with_events.__wrapped__ = _fastai_with_events
+Learner._with_events = _with_events
 
 
 # Convenience methods, fastai style: `learn.save_checkpoint(name)`, `learn.load_checkpoint(name)`.

@@ -292,7 +292,13 @@ class InfoBatchPruner:
             raise ValueError(f"got losses of shape {tuple(losses.shape)} for {idx.numel()} indices: "
                              "pass one loss per sample (reduction='none')")
         self.table.update(idx, losses)
-        return self.plan.weights.index_select(0, idx).to(losses.dtype)
+        return self.weights_for(idx).to(losses.dtype)
+
+    def weights_for(self, idx: torch.Tensor) -> torch.Tensor:
+        """This epoch's loss weights of samples `idx`, recording nothing (no host sync)."""
+        if self.plan is None:
+            raise RuntimeError("no epoch is planned yet: iterate the sampler or call start_epoch() first")
+        return self.plan.weights.index_select(0, idx.to(self.table.device, non_blocking=True).long().reshape(-1))
 
     def state_dict(self) -> dict:
         plan = None

@@ -91,8 +91,11 @@ class InfoBatch(WeightedPlanCallback):
         super().after_train()
 
     def weigh(self, losses: torch.Tensor, pred=None, *yb) -> torch.Tensor:
-        """Record this batch's per-sample losses; return their weights (device ops only)."""
-        return self.pruner.weights_of(losses, self.plan_dl.batch_idx)
+        """This batch's loss weights (device ops only)."""
+        return self.pruner.weights_for(self.plan_dl.batch_idx).to(losses.dtype)
+
+    def record(self, scores: torch.Tensor) -> None:
+        self.pruner.table.update(self.plan_dl.batch_idx, scores)
 
     def state_dict(self) -> dict:
         return super().state_dict() | {"pruner": None if self.pruner is None else self.pruner.state_dict()}

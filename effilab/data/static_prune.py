@@ -7,7 +7,8 @@ import torch
 from ..core.infobatch import EpochPlan, ScoreTable, derive_seed, random_plan
 from ..core.sampling import el2n, hardest, static_plan
 from ..registry import register
-from .pruning import WeightedPlanCallback
+from ..callback import per_sample_losses
+from .pruning import PlanDL, WeightedLoss, WeightedPlanCallback
 
 __all__ = ["StaticPrune"]
 
@@ -15,9 +16,11 @@ __all__ = ["StaticPrune"]
 class StaticPrune(WeightedPlanCallback):
     """Static pruning baseline: score every sample once early in training, then keep the hardest.
 
-    **What it does.** Trains the first `score_epoch` epochs on all the data and scores each sample in
-    the last of them (its training loss, or its EL2N score ||softmax(p) - onehot(y)||_2, taken in the
-    training forward pass that sees it). Then it keeps the N - round(`fraction` * N) highest-scoring
+    **What it does.** Trains the first `score_epoch` epochs on all the data, then scores every training
+    sample with the model as it stands at that point: one extra forward pass over the training set, in
+    order, without gradients and with the model in eval mode (BatchNorm's running statistics, no dropout:
+    every sample is scored by the same function, and the pass changes nothing in the model). The score
+    is the sample's loss or its EL2N score ||softmax(p) - onehot(y)||_2. Then it keeps the N - round(`fraction` * N) highest-scoring
     samples for the rest of training, reshuffled each epoch, with weight 1 (nothing is rescaled: the
     pruned samples are gone, not down-sampled). The subset is chosen once and kept for later fits.
 
@@ -26,10 +29,8 @@ class StaticPrune(WeightedPlanCallback):
     runs). The static baseline that dynamic pruning (InfoBatch, Qin et al. 2024, Table 1) is compared
     against.
 
-    **Defaults.** `fraction=0.3` (the pruned share), `score="el2n"`, `score_epoch=1`. Scores taken
-    during the training pass come from a model that changes within the epoch (cheap: no extra pass);
-    a sample left out of that epoch (the loader's dropped last batch) gets the highest score and is
-    kept. Expect a loss of accuracy that grows with `fraction` (the paper: none up to ~30-50% on
+    **Defaults.** `fraction=0.3` (the pruned share), `score="el2n"`, `score_epoch=1`. The scoring pass
+    costs one forward over the training set (no backward), once. Expect a loss of accuracy that grows with `fraction` (the paper: none up to ~30-50% on
     CIFAR-10 with a well-trained scorer).
 
     **Use.** `Learner(dls, model, loss_func=CrossEntropyLossFlat(), cbs=StaticPrune(0.3))`;
@@ -81,18 +82,36 @@ class StaticPrune(WeightedPlanCallback):
         return static_plan(self.subset, self.table.scores, epoch, self.plan_seed)
 
     def weigh(self, losses: torch.Tensor, pred=None, *yb) -> torch.Tensor:
-        if self.scoring:
-            score = losses if self.score == "loss" else el2n(pred, yb[0])
-            self.table.update(self.plan_dl.batch_idx, score)
         return torch.ones_like(losses)
 
     def after_train(self):
         if self.active and self.scoring:
-            self.table.sync()  # every rank chooses the same subset
-            scores = self.table.scores
-            self.table.scores = torch.where(scores < 0, scores.max(), scores)  # unscored: kept
+            self._score_all()
             self.subset = hardest(self.table.scores, self.fraction)
         super().after_train()
+
+    @torch.no_grad()
+    def _score_all(self) -> None:
+        """Score every training sample with the model as it is now (eval mode, no gradients). Every rank
+        scores the whole set, so every rank chooses the same subset."""
+        learn, model = self.learn, self.learn.model
+        dl = PlanDL(self.plan_dl.dl, list(range(self.table.n)))
+        dl.drop_last = False
+        lf = learn.loss_func
+        lf = getattr(lf, "loss_func", lf) if isinstance(lf, WeightedLoss) else lf
+        n_inp = getattr(learn.dls, "n_inp", 1)
+        was_training = model.training
+        model.eval()
+        try:
+            for b in dl:
+                xb, yb = b[:n_inp], b[n_inp:]
+                pred = model(*xb)
+                n = dl.batch_idx.numel()
+                score = per_sample_losses(lf, pred, *yb, n=n) if self.score == "loss" else el2n(pred, yb[0])
+                self.table.update(dl.batch_idx, score)
+        finally:
+            model.train(was_training)
+        self.table.sync()
 
     def state_dict(self) -> dict:
         return super().state_dict() | {"table": None if self.table is None else self.table.state_dict(),

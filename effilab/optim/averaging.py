@@ -152,6 +152,11 @@ class WeightAveraging(EffilabCallback):
     def after_cancel_validate(self):
         self.after_validate()
 
+    def after_cancel_fit(self):
+        # Interrupted while validating the average (an error, Ctrl-C): the raw weights go back into the model.
+        self.after_validate()
+        self._validated_avg = self._in_epoch = False
+
     def after_epoch(self):
         if not self._in_epoch:
             return
