@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from ..core.batch_schedule import floor_times
 from ..core.infobatch import EpochPlan, InfoBatchPruner, check_ratio_delta, derive_seed, random_plan
 from ..registry import register
 from .pruning import EpochPruningCallback, WeightedLoss, WeightedPlanCallback
@@ -139,7 +138,7 @@ class RandomPrune(EpochPruningCallback):
         self.plan_seed = derive_seed(self.seed, self.fit_count)
 
     def make_plan(self, epoch: int) -> EpochPlan:
-        annealing = epoch >= math.floor(self.delta * self.learn.n_epoch)
+        annealing = epoch >= floor_times(self.delta, self.learn.n_epoch)
         return random_plan(self.n_samples, self.fraction, epoch, self.plan_seed, annealing)
 
 

@@ -271,7 +271,8 @@ class WeightedPlanCallback(EpochPruningCallback):
 
 class ScoredPlanCallback(WeightedPlanCallback):
     """A `WeightedPlanCallback` that keeps every training sample's latest loss (or its EMA with
-    `momentum`) in a device-resident `ScoreTable` across epochs and fits: written once per batch in `record`, merged across ranks at each epoch end, carried by checkpoints. `scored` says whether the
+    `momentum`) in a device-resident `ScoreTable` across epochs and fits: written once per batch in
+    `record`, merged across ranks at each epoch end, carried by checkpoints. `scored` says whether the
     table holds losses yet (one training epoch done, in this or an earlier fit)."""
 
     def __init__(self, delta: float, seed: int | None, momentum: float | None):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from ..callback import per_sample_losses
 from ..core.infobatch import EpochPlan, ScoreTable, derive_seed, random_plan
 from ..core.sampling import el2n, hardest, static_plan
 from ..registry import register
-from ..callback import per_sample_losses
 from .pruning import PlanDL, WeightedLoss, WeightedPlanCallback
 
 __all__ = ["StaticPrune"]
@@ -20,9 +20,10 @@ class StaticPrune(WeightedPlanCallback):
     sample with the model as it stands at that point: one extra forward pass over the training set, in
     order, without gradients and with the model in eval mode (BatchNorm's running statistics, no dropout:
     every sample is scored by the same function, and the pass changes nothing in the model). The score
-    is the sample's loss or its EL2N score ||softmax(p) - onehot(y)||_2. Then it keeps the N - round(`fraction` * N) highest-scoring
-    samples for the rest of training, reshuffled each epoch, with weight 1 (nothing is rescaled: the
-    pruned samples are gone, not down-sampled). The subset is chosen once and kept for later fits.
+    is the sample's loss or its EL2N score ||softmax(p) - onehot(y)||_2. Then it keeps the
+    N - round(`fraction` * N) highest-scoring samples for the rest of training, reshuffled each epoch,
+    with weight 1 (nothing is rescaled: the pruned samples are gone, not down-sampled). The subset is
+    chosen once and kept for later fits.
 
     **Paper.** Paul, Ganguli & Dziugaite, "Deep Learning on a Data Diet: Finding Important Examples
     Early in Training", NeurIPS 2021 (EL2N; they score at ~10% of training, averaged over several
@@ -30,8 +31,8 @@ class StaticPrune(WeightedPlanCallback):
     against.
 
     **Defaults.** `fraction=0.3` (the pruned share), `score="el2n"`, `score_epoch=1`. The scoring pass
-    costs one forward over the training set (no backward), once. Expect a loss of accuracy that grows with `fraction` (the paper: none up to ~30-50% on
-    CIFAR-10 with a well-trained scorer).
+    costs one forward over the training set (no backward), once. Expect a loss of accuracy that grows
+    with `fraction` (the paper: none up to ~30-50% on CIFAR-10 with a well-trained scorer).
 
     **Use.** `Learner(dls, model, loss_func=CrossEntropyLossFlat(), cbs=StaticPrune(0.3))`;
     `score="loss"` for any per-sample loss, `"el2n"` for classification logits and integer labels.

@@ -23,6 +23,7 @@ from ..core.averaging import (
     model_tensors,
     recompute_bn,
 )
+from ..core.batch_schedule import exact
 from ..core.distributed import collective_device, is_distributed
 from ..data.pruning import _unwrap_distributed
 from ..registry import register
@@ -357,7 +358,7 @@ class SWA(WeightAveraging):
 
     def epoch_trained(self):
         self._bn_samples = 0
-        if self.learn.epoch + 1 >= self.start_frac * self.learn.n_epoch:
+        if self.learn.epoch + 1 >= exact(self.start_frac) * self.learn.n_epoch:  # 0.28 of 25: from epoch 6 (the 7th)
             self.averager.update(self.model)
             self._bn_fresh = False
 
