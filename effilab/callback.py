@@ -3,6 +3,9 @@ checkpoints that carry the callbacks' state."""
 
 from __future__ import annotations
 
+import functools
+import inspect
+import math
 from pathlib import Path
 
 import fastai.callback.schedule  # noqa: F401  (Learner.fit_one_cycle and lr_find, as users expect)
@@ -16,7 +19,7 @@ from fastcore.basics import noop
 from .core.distributed import rank
 from .core.telemetry import Telemetry
 
-__all__ = ["PER_BATCH_EVENTS", "EffilabCallback", "load_checkpoint", "per_sample_loss_parts", "per_sample_losses",
+__all__ = ["PER_BATCH_EVENTS", "ArgumentTypeError", "check_annotated_args", "EffilabCallback", "load_checkpoint", "per_sample_loss_parts", "per_sample_losses",
            "save_checkpoint", "telemetry_of"]
 
 
@@ -34,8 +37,60 @@ PER_BATCH_EVENTS = frozenset(("before_batch", "after_pred", "after_loss", "befor
                               "after_backward", "before_step", "after_step", "after_cancel_batch", "after_batch"))
 
 
+class ArgumentTypeError(TypeError, ValueError):
+    """A constructor argument of the wrong type (a TypeError, and a ValueError like every other bad input)."""
+
+
+_KINDS = {  # annotation -> (accepted types, rejected types)
+    "float": ((int, float), (bool,)), "int": ((int,), (bool,)), "bool": ((bool,), ()), "str": ((str,), ()),
+    "None": ((type(None),), ()),
+}
+
+
+def check_annotated_args(owner: str, fn, args: tuple, kwargs: dict) -> None:
+    """Reject arguments whose type is not the one annotated (`float`, `int`, `bool`, `str`, unions of them and
+    `None`): `"no"` for a bool, `True` or `"0.5"` for a float, `1.5` for an int, NaN for a float. Arguments with
+    other annotations (sequences, callables) or none are left to the constructor."""
+    sig = inspect.signature(fn)
+    try:
+        bound = sig.bind(None, *args, **kwargs)
+    except TypeError:
+        return  # Python's own error follows
+    for name, value in list(bound.arguments.items())[1:]:
+        param = sig.parameters[name]
+        ann = param.annotation
+        ann = ann.__name__ if ann in (float, int, bool, str) else ann
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD) or not isinstance(ann, str):
+            continue
+        kinds = [k.strip() for k in ann.split("|")]
+        if not all(k in _KINDS for k in kinds):
+            continue
+        ok = any(isinstance(value, _KINDS[k][0]) and not isinstance(value, _KINDS[k][1]) for k in kinds)
+        if ok and isinstance(value, float) and math.isnan(value):
+            ok = False
+        if not ok:
+            raise ArgumentTypeError(f"{owner}: {name} must be {' or '.join(kinds)}, got {value!r} "
+                                    f"({type(value).__name__})")
+
+
 class EffilabCallback(Callback):
-    """Base of effilab's callbacks: a telemetry shortcut and a state that checkpoints carry."""
+    """Base of effilab's callbacks: a telemetry shortcut and a state that checkpoints carry.
+
+    Every subclass's constructor checks its arguments against their annotations (`check_annotated_args`)."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None or getattr(init, "_checks_types", False):
+            return
+
+        @functools.wraps(init)
+        def checked_init(self, *args, **kw):
+            check_annotated_args(type(self).__name__, init, args, kw)
+            init(self, *args, **kw)
+
+        checked_init._checks_types = True
+        cls.__init__ = checked_init
 
     def __call__(self, event_name):
         # fastai calls every callback at every event and reads `learn.training` through attribute

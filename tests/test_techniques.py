@@ -6,6 +6,7 @@ Two-process DDP for stateful techniques lives in tests/distributed.
 
 from __future__ import annotations
 
+import inspect
 import pickle
 
 import pytest
@@ -214,3 +215,34 @@ def test_an_interrupted_fit_leaves_the_learner_as_it_found_it(name, attached, in
     assert diff == 0, f"{where} left other weights in the model than the raw ones at the interruption (max diff {diff})"
     learn.fit(1, 1e-3)  # a plain fit works on the same Learner
     assert torch.isfinite(torch.tensor(learn.recorder.values[-1][0])), f"{where}: the next fit's loss is not finite"
+
+
+_WRONG = ["no", "0.5", 1.5, float("nan"), True, None, 1]
+_FITS = {"bool": lambda v: type(v) is bool, "int": lambda v: type(v) is int, "str": lambda v: isinstance(v, str),
+         "float": lambda v: type(v) in (int, float) and v == v, "None": lambda v: v is None}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_constructors_reject_arguments_of_the_wrong_type(name, request):
+    """`EMA(warmup="no")`, `SelectiveBackprop(stale="no")`, `InfoBatch(seed=1.5)`...: an error, not a coercion.
+    Each argument annotated `bool`, `float`, `int` or `str` (or a union of them and None) gets every value of
+    another type."""
+    from effilab.callback import ArgumentTypeError, EffilabCallback
+
+    cls = type(TECHNIQUES[name].make())
+    if not issubclass(cls, EffilabCallback):
+        request.applymarker(pytest.mark.xfail(strict=True, reason=f"{cls.__name__} is no EffilabCallback, whose "
+                                              "constructors check their arguments' types"))
+    params = [p for p in inspect.signature(cls.__init__).parameters.values() if p.name != "self"]
+    tried = 0
+    for param in params:
+        ann = param.annotation
+        kinds = [k.strip() for k in ann.split("|")] if isinstance(ann, str) else []
+        if not kinds or not set(kinds) <= set(_FITS):
+            continue
+        for value in _WRONG:
+            if not any(_FITS[k](value) for k in kinds):
+                with pytest.raises(ArgumentTypeError, match=param.name):
+                    cls(**{param.name: value})
+                tried += 1
+    assert tried or not params, f"{cls.__name__}: no annotated argument to check"
