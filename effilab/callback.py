@@ -19,8 +19,8 @@ from fastcore.basics import noop
 from .core.distributed import rank
 from .core.telemetry import Telemetry
 
-__all__ = ["PER_BATCH_EVENTS", "ArgumentTypeError", "check_annotated_args", "EffilabCallback", "load_checkpoint", "per_sample_loss_parts", "per_sample_losses",
-           "save_checkpoint", "telemetry_of"]
+__all__ = ["PER_BATCH_EVENTS", "ArgumentTypeError", "EffilabCallback", "check_annotated_args", "load_checkpoint",
+           "per_sample_loss_parts", "per_sample_losses", "save_checkpoint", "telemetry_of"]
 
 
 def telemetry_of(learn: Learner) -> Telemetry:
