@@ -147,8 +147,8 @@ class _Snapshot(Callback):
 
 
 class _Interrupt(Callback):
-    """Raises `exc` at `event` of the second training batch (or the first validation batch) of epoch 1,
-    after every other callback's handler of that event."""
+    """Raises `exc` at `event` of the second training batch (or the first validation batch) of the last
+    epoch (2) of a 3-epoch fit, after every other callback's handler of that event."""
 
     order = 1000
 
@@ -157,7 +157,7 @@ class _Interrupt(Callback):
 
     def __call__(self, event_name):
         super().__call__(event_name)
-        if event_name != self.event or self.learn.epoch != 1 or self.training != (self.phase == "train"):
+        if event_name != self.event or self.learn.epoch != 2 or self.training != (self.phase == "train"):
             return
         self.batches += 1
         if self.batches == (2 if self.phase == "train" else 1):
