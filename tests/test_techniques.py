@@ -47,7 +47,8 @@ def test_a_technique_names_a_known_kind_of_learner():
 
 
 class _CpuBf16(Callback):
-    """Mixed precision on the CPU (fastai's MixedPrecision targets CUDA): bf16 autocast around the forward."""
+    """Mixed precision on the CPU (fastai's MixedPrecision autocasts for CUDA only: on the CPU it runs in fp32):
+    bf16 autocast around the forward and the loss, as MixedPrecision does on CUDA."""
 
     order = 10
 
@@ -56,7 +57,39 @@ class _CpuBf16(Callback):
         self.ctx.__enter__()
 
     def after_loss(self):
-        self.ctx.__exit__(None, None, None)
+        self._exit()
+
+    def after_cancel_batch(self):
+        self._exit()
+
+    def after_fit(self):
+        self._exit()
+
+    after_cancel_fit = after_fit
+
+    def _exit(self):
+        if getattr(self, "ctx", None) is not None:
+            self.ctx.__exit__(None, None, None)
+            self.ctx = None
+
+
+class _ForwardDtypes(Callback):
+    """The dtypes of the outputs of the model's layers with weights, in training batches."""
+
+    def __init__(self):
+        self.dtypes = set()  # over every fit (validate() fires before_fit too)
+
+    def before_fit(self):
+        self.hooks = [m.register_forward_hook(self._hook) for m in self.learn.model.modules()
+                      if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+
+    def _hook(self, module, args, out):
+        if module.training and isinstance(out, torch.Tensor):
+            self.dtypes.add(out.dtype)
+
+    def after_fit(self):
+        for h in self.hooks:
+            h.remove()
 
 
 def _fit_ok(learn, epochs=2):
@@ -108,11 +141,21 @@ def test_export_and_pickle(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("precision", ["fastai_mixed_precision", "cpu_bf16_autocast"])
+@pytest.mark.parametrize("precision", [
+    pytest.param("fastai_mixed_precision_cuda", marks=pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="fastai's MixedPrecision autocasts on CUDA only")),
+    "cpu_bf16_autocast"])
 def test_with_mixed_precision(name, precision):
-    extra = MixedPrecision() if precision == "fastai_mixed_precision" else _CpuBf16()
-    learn = _learner(name, [TECHNIQUES[name].make(), extra])
+    """The forward really runs in reduced precision (the layers with weights return fp16/bf16)."""
+    dtypes = _ForwardDtypes()
+    extra = MixedPrecision() if precision == "fastai_mixed_precision_cuda" else _CpuBf16()
+    learn = _learner(name, [TECHNIQUES[name].make(), extra, dtypes])
+    if precision == "fastai_mixed_precision_cuda":
+        learn.dls.to("cuda")
+        learn.model.cuda()
     _fit_ok(learn)
+    expected = torch.float16 if precision == "fastai_mixed_precision_cuda" else torch.bfloat16
+    assert expected in dtypes.dtypes, f"the forward ran in {dtypes.dtypes}, not {expected}"
 
 
 @pytest.mark.parametrize("name", NAMES)
