@@ -33,6 +33,23 @@ def test_registry_is_not_empty():
     assert {"infobatch", "random_prune"} <= set(NAMES)
 
 
+def test_reimporting_a_technique_module_registers_it_again():
+    """`importlib.reload` (what `%autoreload` does) runs the module's `register` calls again: no "already
+    registered" (in a fresh process: a reload replaces classes other tests hold). Another module's claim on a
+    registered name is still an error."""
+    import subprocess
+    import sys
+
+    code = ("import importlib, effilab.data.infobatch as m, effilab.optim.averaging as a, effilab.callback as c\n"
+            "for mod in (m, a, c, m): importlib.reload(mod)\n"
+            "from effilab.registry import TECHNIQUES, register\n"
+            "assert TECHNIQUES['infobatch'].make.__module__ == m.__name__\n"
+            "try:\n    register('infobatch', lambda: None, 'data')\nexcept ValueError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "already registered by effilab.data.infobatch" in out.stdout
+
+
 def test_a_technique_names_a_known_kind_of_learner():
     from effilab.registry import TASK_KINDS, register
 
