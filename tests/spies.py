@@ -69,7 +69,7 @@ class _HostOps(TorchDispatchMode):
         if spy.open and not spy._in_method and _needs_host(func, args, kwargs):
             where = effilab_caller()
             if where is not None:
-                spy.per_batch[-1].append(f"{func.__name__} at {where}")
+                spy.per_batch[-1].append(f"{func.overloadpacket.__name__} at {where}")
         return func(*args, **kwargs)
 
 
