@@ -3,6 +3,7 @@ and a text summary at the end of the fit where no front end draws widgets."""
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 
@@ -13,8 +14,11 @@ from ..callback import PER_BATCH_EVENTS, telemetry_of
 from . import figures as F
 from .mode import ModeChoice, decide_mode, in_kernel
 
-__all__ = ["Dashboard", "Throttle"]
+__all__ = ["NO_WIDGETS_NOTE", "Dashboard", "Throttle", "enable_colab_widgets"]
 
+# What a front end that can't draw widgets shows in the widget's place (instead of an empty box or a repr).
+NO_WIDGETS_NOTE = ("effilab dashboard: this front end does not draw widgets; the figure appears here at the end "
+                   "of the fit")
 AUTOSIZE_EVERY_S = 5.0  # how often the live figure is re-fitted to its box's width (see `_autosize`)
 
 
@@ -216,6 +220,7 @@ class Dashboard(Callback):
         import plotly.graph_objects as go
 
         go.FigureWidget  # noqa: B018
+        enable_colab_widgets()
 
     def _open_widget(self):
         t = F.snapshot(telemetry_of(self.learn))
@@ -244,7 +249,12 @@ class Dashboard(Callback):
         if in_kernel():
             from IPython.display import display
 
-            self._handle = display(box, display_id=True)
+            # The standard widget mime type, and a one-line note as the text a front end without widgets
+            # shows instead (the final figure replaces both through the display handle).
+            bundle = box._repr_mimebundle_()
+            bundle = {"application/vnd.jupyter.widget-view+json": bundle["application/vnd.jupyter.widget-view+json"],
+                      "text/plain": NO_WIDGETS_NOTE}
+            self._handle = display(bundle, raw=True, display_id=True)
 
     def _push(self, force: bool = False):
         t = telemetry_of(self.learn)
@@ -341,6 +351,24 @@ class Dashboard(Callback):
             for part in (getattr(w, "layout", None), getattr(w, "style", None), w):
                 if part is not None and hasattr(part, "close"):
                     part.close()
+
+
+def enable_colab_widgets(modules=None) -> bool:
+    """In Colab (`google.colab` imported), turn on its custom widget manager, which third-party widgets such
+    as plotly's FigureWidget need; returns whether it did."""
+    global _colab_widgets_enabled
+    modules = sys.modules if modules is None else modules
+    if "google.colab" not in modules:
+        return False
+    if not _colab_widgets_enabled:  # once per kernel
+        from google.colab import output
+
+        output.enable_custom_widget_manager()
+        _colab_widgets_enabled = True
+    return True
+
+
+_colab_widgets_enabled = False
 
 
 def dashboard(self: Learner, mode: str | None = None, max_per_s: float | None = None) -> Learner:

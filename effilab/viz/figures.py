@@ -28,9 +28,9 @@ from plotly.subplots import make_subplots
 from ..core.telemetry import Telemetry
 from .static import KEPT, PRUNED, RESCALED
 
-__all__ = ["PANELS", "PANEL_TITLES", "Cell", "Snapshot", "build_figure", "cells", "data_sources",
-           "figure_bundle", "informative_epoch", "epoch_number", "layout_key", "panels", "report_html", "snapshot", "status", "status_line",
-           "summary_text", "update_figure"]
+__all__ = ["PANELS", "PANEL_TITLES", "Cell", "Snapshot", "build_figure", "cells", "data_sources", "epoch_number",
+           "figure_bundle", "informative_epoch", "layout_key", "lr_find_figure", "panels", "report_html", "snapshot",
+           "status", "status_line", "summary_text", "update_figure"]
 
 PANELS = ("training", "data", "schedules", "memory", "throughput")
 PANEL_TITLES = {"training": "Training", "data": "Data decisions", "schedules": "Schedules",
@@ -304,7 +304,8 @@ def _scores_title(source: str, rec: dict) -> str:
 
 
 def _data_cells(t: Snapshot, epoch: int | None = None) -> list[Cell]:
-    out, kept = [], Cell("data", "kept", "Data decisions: kept fraction per epoch", xaxis={"title": "epoch"}, yaxis={"title": "kept / all", "range": [0, 1.05]})
+    out, kept = [], Cell("data", "kept", "Data decisions: kept fraction per epoch", xaxis={"title": "epoch"},
+                         yaxis={"title": "kept / all", "range": [0, 1.05]})
     for i, src in enumerate(data_sources(t)):
         recs = _data_records(t, src)
         if not recs:
@@ -784,6 +785,35 @@ def update_figure(fig: go.Figure, t: Telemetry | Snapshot, cs: list[Cell] | None
     if fig.layout.title.text != title:
         fig.layout.title.text = title
     return True
+
+
+# ---- lr_find
+
+
+def lr_find_figure(lrs, losses, marks: dict[str, float] | None = None, title: str | None = None) -> go.Figure:
+    """The learning-rate range test (`learn.lr_find()`): the smoothed loss against the learning rate on a
+    log axis, with a dashed vertical line and a label at each of `marks` ({label: learning rate}, e.g.
+    `{"valley": suggestion.valley}`).
+
+    On a log axis plotly positions a shape by its value but an annotation by the value's log10
+    (`fig.add_vline` gives both the same number, so one of the two lands elsewhere): each line is drawn
+    at the rate and its label at log10 of the rate, and both stay on the rate.
+    """
+    lrs, losses = [float(v) for v in lrs], [float(v) for v in losses]
+    if not lrs or len(lrs) != len(losses):
+        raise ValueError(f"lr_find_figure needs as many losses as learning rates, got {len(lrs)} and {len(losses)}")
+    fig = go.Figure(go.Scatter(x=lrs, y=losses, mode="lines", name="smoothed training loss", line_color=KEPT))
+    dashes = ("dash", "dot", "dashdot", "longdash")
+    for i, (label, lr) in enumerate((marks or {}).items()):
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+            raise ValueError(f"lr_find_figure mark {label!r} must be a positive learning rate, got {lr!r}")
+        fig.add_shape(type="line", x0=lr, x1=lr, xref="x", y0=0, y1=1, yref="paper",
+                      line={"dash": dashes[i % len(dashes)], "color": "black" if i == 0 else "grey"})
+        fig.add_annotation(x=math.log10(lr), xref="x", y=1 - 0.08 * i, yref="paper", text=f"{label}: {lr:.1e}",
+                           showarrow=False, xanchor="left", bgcolor="rgba(255,255,255,0.8)")
+    fig.update_layout(template="plotly_white", height=340, xaxis={"type": "log", "title": "learning rate"},
+                      yaxis_title="loss", title=title or "lr_find: the loss while the learning rate grows")
+    return fig
 
 
 # ---- outputs

@@ -322,3 +322,66 @@ def test_wrong_settings_are_errors():
     for kwargs in ({"budget": -0.1}, {"budget": True}, {"max_per_s": "2"}, {"budget": float("nan")}):
         with pytest.raises(ValueError, match="must be a finite number"):
             Dashboard(**kwargs)
+
+
+def _fake_colab(monkeypatch) -> list:
+    """`google.colab.output` as Colab has it, recording calls to `enable_custom_widget_manager`."""
+    import types
+
+    calls = []
+    google, colab, output = (types.ModuleType(n) for n in ("google", "google.colab", "google.colab.output"))
+    output.enable_custom_widget_manager = lambda: calls.append("enabled")
+    colab.output, google.colab = output, colab
+    for name, mod in (("google", google), ("google.colab", colab), ("google.colab.output", output)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    return calls
+
+
+def test_front_ends_get_standard_mimetypes_colab_its_widget_manager(monkeypatch):
+    pytest.importorskip("anywidget")
+    import IPython.display
+
+    from effilab.viz import dashboard as D
+    from effilab.viz.mode import decide_mode
+
+    calls = _fake_colab(monkeypatch)
+    monkeypatch.setattr(D, "_colab_widgets_enabled", False)
+    assert decide_mode(None, env={}, kernel=True).mode == "live"  # Colab detected by its module
+    shown, updated = [], []
+
+    class Handle:
+        def update(self, obj, raw=False):
+            updated.append(obj)
+
+    def display(obj, raw=False, display_id=False):
+        shown.append(obj)
+        calls.append("displayed")
+        return Handle()
+
+    monkeypatch.setattr(IPython.display, "display", display)
+    monkeypatch.setattr(D, "in_kernel", lambda: True)
+    learn = make_learner([], n=N, bs=BS)
+    dash = Dashboard(mode="live")
+    learn.add_cb(dash)
+    learn.fit(1, 1e-3)
+    # Colab's custom widget manager, on before the widget was shown (anywidget enables it too, once more)
+    assert calls[0] == "enabled" and calls.count("displayed") == 1
+    (live,) = shown
+    # Only the standard widget mime type, and a note, not an empty box, where widgets can't be drawn.
+    assert set(live) == {"application/vnd.jupyter.widget-view+json", "text/plain"}
+    assert live["text/plain"] == D.NO_WIDGETS_NOTE and "\n" not in D.NO_WIDGETS_NOTE
+    assert live["application/vnd.jupyter.widget-view+json"]["model_id"]
+    # At the end the same output becomes the static figure: plotly's mime type, HTML for viewers, text.
+    (final,) = updated
+    assert set(final) == {"application/vnd.plotly.v1+json", "text/html", "text/plain"}
+    assert final["application/vnd.plotly.v1+json"]["data"]
+    assert not D.enable_colab_widgets(modules={})  # elsewhere: nothing to enable
+
+
+def test_colab_widget_manager_enabled_once_when_colab_is_detected(monkeypatch):
+    from effilab.viz import dashboard as D
+
+    calls = _fake_colab(monkeypatch)
+    monkeypatch.setattr(D, "_colab_widgets_enabled", False)
+    assert D.enable_colab_widgets() and D.enable_colab_widgets()
+    assert calls == ["enabled"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -321,3 +323,20 @@ def test_live_title_leaves_the_status_to_the_header():
     assert F.status_line(t) not in live.layout.title.text and "epoch" not in live.layout.title.text
     assert F.update_figure(live, t)
     assert "epoch" not in live.layout.title.text
+
+
+def test_lr_find_marks_sit_on_their_learning_rate():
+    lrs = [10 ** (-7 + 8 * i / 99) for i in range(100)]
+    losses = [2.0 - 0.5 * math.exp(-((math.log10(lr) + 2.5) ** 2)) for lr in lrs]
+    fig = F.lr_find_figure(lrs, losses, {"valley": 3e-3, "LR": 1e-2})
+    assert fig.layout.xaxis.type == "log"
+    # plotly.js places a shape on a log axis by its value, an annotation by the value's log10.
+    assert [(s.x0, s.x1) for s in fig.layout.shapes] == [(3e-3, 3e-3), (1e-2, 1e-2)]
+    assert [a.x for a in fig.layout.annotations] == pytest.approx([math.log10(3e-3), -2.0])
+    assert [a.text for a in fig.layout.annotations] == ["valley: 3.0e-03", "LR: 1.0e-02"]
+    # plotly's `add_vline` on a log axis gives the label's number to the line as well (what was drawn
+    # before): that line sits at 10^-2.5, outside every learning rate tried, not at the mark.
+    with pytest.raises(ValueError, match="positive learning rate"):
+        F.lr_find_figure(lrs, losses, {"valley": math.log10(3e-3)})
+    with pytest.raises(ValueError, match="as many losses"):
+        F.lr_find_figure(lrs, losses[:-1])
