@@ -14,12 +14,13 @@ from ..callback import PER_BATCH_EVENTS, telemetry_of
 from . import figures as F
 from .mode import ModeChoice, decide_mode, in_kernel
 
-__all__ = ["NO_WIDGETS_NOTE", "Dashboard", "Throttle", "enable_colab_widgets"]
+__all__ = ["NO_WIDGETS_NOTE", "Dashboard", "Throttle", "announce_busy", "enable_colab_widgets"]
 
 # What a front end that can't draw widgets shows in the widget's place (instead of an empty box or a repr).
 NO_WIDGETS_NOTE = ("effilab dashboard: this front end does not draw widgets; the figure appears here at the end "
                    "of the fit")
 AUTOSIZE_EVERY_S = 5.0  # how often the live figure is re-fitted to its box's width (see `_autosize`)
+BUSY_EVERY_S = 1.0  # how often a running fit re-states that the kernel is busy (see `announce_busy`)
 
 
 class Throttle:
@@ -95,6 +96,8 @@ class Dashboard(Callback):
         self._throttle = Throttle(self.max_per_s, self.clock) if hasattr(self, "max_per_s") else None
         # Drawing budget: real seconds spent drawing this fit, since when, and the next time a draw may start.
         self._busy_s, self._t_start, self._next_t = 0.0, 0.0, float("-inf")
+        self._busy_t = self._due = float("-inf")
+        self._max_draw_s = 0.0
 
     # `learn.dashboard()` when the Learner already has one: adjust it, return the Learner.
     def __call__(self, event_name: str | None = None, mode: str | None = None,
@@ -104,8 +107,8 @@ class Dashboard(Callback):
             # attribute delegation (~5 us): the per-batch events this class has no handler for are not
             # worth it (~2% of a fit of 3-ms steps).
             if event_name == "before_batch":  # the one per-batch handler, called without fastai's dispatch
-                if self._fw is not None and self.clock() >= self._next_t and self.run and self.learn.training:
-                    self._push()
+                if self._fw is not None and self.run and self.learn.training:
+                    self.before_batch()
                 return None
             if event_name in PER_BATCH_EVENTS and not hasattr(type(self), event_name):
                 return None
@@ -136,6 +139,8 @@ class Dashboard(Callback):
         self._warned, self._seen, self._key = False, -1, None
         self._throttle = Throttle(self.max_per_s, self.clock)
         self._busy_s, self._t_start, self._next_t = 0.0, time.perf_counter(), float("-inf")
+        self._busy_t = self._due = float("-inf")
+        self._max_draw_s = 0.0
         if self.mode == "live":
             self._guard("loading the live widget", self._preload)
 
@@ -154,9 +159,14 @@ class Dashboard(Callback):
     def before_batch(self):
         # Here rather than in after_batch: SystemMonitor counts the time between a batch's end and the next
         # batch's start as waiting for data, and drawing is not the loader's fault. One clock read per batch
-        # until a draw is due.
-        if self._fw is not None and self.clock() >= self._next_t:
-            self._push()
+        # until something is due.
+        if self._fw is not None and (now := self.clock()) >= self._due:
+            if now >= self._busy_t:
+                self._busy_t = now + BUSY_EVERY_S
+                self._guard("telling the front end the kernel is busy", announce_busy)
+            if now >= self._next_t:
+                self._push()
+            self._schedule()
 
     def after_epoch(self):
         if self._fw is not None and self._running and self.clock() >= self._next_t:
@@ -258,7 +268,10 @@ class Dashboard(Callback):
 
     def _push(self, force: bool = False):
         t = telemetry_of(self.learn)
-        if t.version == self._seen or not self._throttle(force):
+        if t.version == self._seen:
+            return
+        if not self._throttle(force):
+            self._next_t = max(self._next_t, self._throttle.last + self._throttle.interval)
             return
         self._seen = t.version
         t0 = time.perf_counter()
@@ -270,9 +283,16 @@ class Dashboard(Callback):
         is back within `budget` of the fit's time (and, by `max_per_s`, not before the throttle allows)."""
         now = time.perf_counter()
         self._busy_s += now - t0
+        self._max_draw_s = max(self._max_draw_s, now - t0)
         if self.budget > 0:
             wait = self._t_start + self._busy_s / self.budget - now  # real seconds until within budget
             self._next_t = self.clock() + max(0.0, wait)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        """When `before_batch` next has something to do: a draw (budget and throttle) or a busy status."""
+        draw = max(self._next_t, self._throttle.last + self._throttle.interval)
+        self._due = min(draw, self._busy_t)
 
     def _redraw(self, t, force: bool = False):
         fw = self._fw
@@ -351,6 +371,23 @@ class Dashboard(Callback):
             for part in (getattr(w, "layout", None), getattr(w, "style", None), w):
                 if part is not None and hasattr(part, "close"):
                     part.close()
+
+
+def announce_busy() -> bool:
+    """Publish the kernel's "busy" status for the running cell; returns whether there was a kernel to do it.
+
+    JupyterLab shows the kernel status of the latest status message, and ipykernel publishes "idle" after
+    every control-channel request, including the `create_subshell_request` that the widget manager sends
+    when the dashboard's widget is first drawn: without this the kernel shows "Idle" for the rest of the
+    fit. Re-stating "busy" (true: the cell still runs) while the live dashboard is open puts that right.
+    """
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    publish = getattr(getattr(shell, "kernel", None), "_publish_status", None)
+    if publish is None:
+        return False
+    publish("busy", "shell")
+    return True
 
 
 def enable_colab_widgets(modules=None) -> bool:
