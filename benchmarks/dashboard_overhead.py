@@ -18,7 +18,7 @@ the telemetry and when each update was sent; the page samples, every 50 ms, how 
 `schedule/lr: actual` it has drawn. Lag = records the kernel had and the page had not drawn, and for
 how long the oldest of them had been waiting.
 
-    python -m benchmarks.dashboard_overhead [--quick] [--repeats N] [--no-browser]
+    python -m benchmarks.dashboard_overhead [--quick] [--repeats N] [--epochs N ...] [--no-browser | --browser-only]
 """
 
 from __future__ import annotations
@@ -328,6 +328,7 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, nargs="+", default=None,
                    help="fit lengths for part 1 (default 6 and 24 epochs; 2 with --quick)")
     p.add_argument("--no-browser", action="store_true", help="skip part 2 (JupyterLab + Chromium)")
+    p.add_argument("--browser-only", action="store_true", help="skip part 1 (the in-process overhead)")
     p.add_argument("--throttles", type=float, nargs="+", default=[2.0, 0.0],
                    help="max_per_s values for the browser part (0: unthrottled)")
     args = p.parse_args(argv)
@@ -339,7 +340,7 @@ def main(argv=None):
     n_samples = 4_000 if args.quick else 20_000
     payload = {"overhead": [], "overhead_tables": []}
     name = "dashboard_overhead" + ("_quick" if args.quick else "")
-    for epochs in args.epochs or ([2] if args.quick else [6, 24]):
+    for epochs in [] if args.browser_only else args.epochs or ([2] if args.quick else [6, 24]):
         res = overhead(n_samples, epochs, repeats)
         rows = overhead_rows(res)
         print(f"\nPart 1: MNIST-1D {n_samples:,}, MLP 256, InfoBatch(0.5), fit_one_cycle({epochs}), "
