@@ -107,7 +107,8 @@ class Dashboard(Callback):
             # attribute delegation (~5 us): the per-batch events this class has no handler for are not
             # worth it (~2% of a fit of 3-ms steps).
             if event_name == "before_batch":  # the one per-batch handler, called without fastai's dispatch
-                if self._fw is not None and self.run and self.learn.training:
+                # `learn.training` (two delegations) is read only when something is due.
+                if self._fw is not None and self.clock() >= self._due and self.run and self.learn.training:
                     self.before_batch()
                 return None
             if event_name in PER_BATCH_EVENTS and not hasattr(type(self), event_name):
