@@ -122,14 +122,21 @@ class DeviceDataLoader(DataLoader):
         return self
 
     # -- plans and epochs
-    def follow_plan(self, indices: torch.Tensor) -> DeviceDataLoader:
+    def follow_plan(self, indices: torch.Tensor, **kwargs) -> DeviceDataLoader:
         """The loader of one epoch over dataset `indices` (a 1-d integer tensor, moved to the data's device
-        once) in that order, with this loader's batch size, augmentation and pass counter."""
+        once) in that order, with this loader's batch size, augmentation and pass counter (`kwargs`
+        override them: `drop_last=False`, `train=False` for a pass that neither augments nor counts)."""
         if not isinstance(indices, torch.Tensor) or indices.dim() != 1 or indices.is_floating_point():
             raise TypeError("a plan is a 1-d integer tensor of dataset indices")
-        dl = self.new(plan=indices.to(self.device, torch.long, non_blocking=True), shuffle=False, train=self.train)
+        kwargs = {"shuffle": False, "train": self.train} | kwargs
+        dl = self.new(plan=indices.to(self.device, torch.long, non_blocking=True), **kwargs)
         dl._parent = self._parent or self
         return dl
+
+    @property
+    def dl(self) -> DeviceDataLoader | None:
+        """The loader a plan view follows (as effilab's PlanDL and fastai's DistributedDL name it)."""
+        return self._parent
 
     def set_epoch(self, epoch: int) -> None:
         """The next training pass is pass `epoch` (its shuffle and augmentation draws)."""
