@@ -20,7 +20,7 @@ from .core.distributed import rank
 from .core.telemetry import Telemetry
 
 __all__ = ["PER_BATCH_EVENTS", "ArgumentTypeError", "EffilabCallback", "check_annotated_args", "load_checkpoint",
-           "per_sample_loss_parts", "per_sample_losses", "save_checkpoint", "telemetry_of"]
+           "per_sample_loss_parts", "per_sample_losses", "refuse_beside", "save_checkpoint", "telemetry_of"]
 
 
 def telemetry_of(learn: Learner) -> Telemetry:
@@ -115,6 +115,15 @@ class EffilabCallback(Callback):
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+def refuse_beside(cb: Callback, role: str, what: str) -> None:
+    """Raise a clear error if a callback that runs before `cb` on its Learner (fastai's order) has the same `role`
+    (a class attribute set to True): two of them cannot both `what`. The earlier one goes on; the later refuses."""
+    holders = [c for c in cb.learn.cbs.sorted("order") if getattr(type(c), role, False)]
+    if len(holders) > 1 and holders[0] is not cb:
+        raise ValueError(f"{type(cb).__name__} cannot train beside {type(holders[0]).__name__} on the same Learner: "
+                         f"both {what}. Keep one of them.")
 
 
 def per_sample_loss_parts(loss_func, pred, *yb, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,13 +19,19 @@ class Technique:
     """`make()` returns a fresh callback with small test-friendly settings; `stateful` techniques are
     also checked under two-process DDP and must round-trip their state through checkpoints. `task` names the
     kind of learner the generic suite trains with it: "tabular" (12-dim MLP), "image" (1x16x16 images
-    and a CNN) or "sequence" (a character language model)."""
+    and a CNN) or "sequence" (a character language model). `conflicts` names the techniques it cannot be
+    combined with (either side may declare a pair): the later of the two on a Learner refuses to fit with a
+    clear error, and the generic suite combines every technique with all the others but those."""
 
     name: str
     make: Callable
     category: str
     stateful: bool = False
     task: str = "tabular"
+    conflicts: tuple[str, ...] = ()
+
+    def conflicts_with(self, other: Technique) -> bool:
+        return other.name in self.conflicts or self.name in other.conflicts
 
 
 TASK_KINDS = ("tabular", "image", "sequence")
@@ -36,7 +42,8 @@ def _origin(make: Callable) -> tuple:
     return getattr(make, "__module__", None), getattr(make, "__qualname__", None)
 
 
-def register(name: str, make: Callable, category: str, stateful: bool = False, task: str = "tabular") -> None:
+def register(name: str, make: Callable, category: str, stateful: bool = False, task: str = "tabular",
+             conflicts: tuple[str, ...] = ()) -> None:
     # Re-importing the registering module (`importlib.reload`, `%autoreload`) makes a new `make` of the same
     # origin: it replaces the old one. Another module claiming the name is an error.
     if name in TECHNIQUES and _origin(TECHNIQUES[name].make) != _origin(make):
@@ -45,7 +52,9 @@ def register(name: str, make: Callable, category: str, stateful: bool = False, t
                          "pick another name")
     if task not in TASK_KINDS:
         raise ValueError(f"technique {name!r}: task must be one of {TASK_KINDS}, got {task!r}")
-    TECHNIQUES[name] = Technique(name, make, category, stateful, task)
+    if isinstance(conflicts, str) or not all(isinstance(c, str) for c in conflicts):
+        raise TypeError(f"technique {name!r}: conflicts must be a tuple of technique names, got {conflicts!r}")
+    TECHNIQUES[name] = Technique(name, make, category, stateful, task, tuple(conflicts))
 
 
 def all_techniques() -> dict[str, Technique]:

@@ -184,12 +184,41 @@ def test_with_dataloader_workers(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_all_techniques_together(name):
     """Each technique alongside every other one (where they can be combined) still trains: the non-"data"
-    techniques for the generic learner ("tabular") or for this technique's kind of learner."""
+    techniques for the generic learner ("tabular") or for this technique's kind of learner, but those that
+    conflict (`Technique.conflicts`) with it or with one taken before them (in name order)."""
     task = TECHNIQUES[name].task
-    others = [TECHNIQUES[o].make() for o in NAMES
-              if o != name and TECHNIQUES[o].category != "data" and TECHNIQUES[o].task in ("tabular", task)]
-    learn = _learner(name, [TECHNIQUES[name].make(), *others])
+    chosen = [TECHNIQUES[name]]
+    for o in NAMES:
+        t = TECHNIQUES[o]
+        if (o != name and t.category != "data" and t.task in ("tabular", task)
+                and not any(t.conflicts_with(c) for c in chosen)):
+            chosen.append(t)
+    learn = _learner(name, [t.make() for t in chosen])
     _fit_ok(learn)
+
+
+CONFLICTS = sorted({tuple(sorted((a, b))) for a in NAMES for b in TECHNIQUES[a].conflicts})
+
+
+def test_declared_conflicts_name_registered_techniques():
+    assert CONFLICTS, "no conflict declared: the together test's exclusion mechanism is untested"
+    assert {n for pair in CONFLICTS for n in pair} <= set(NAMES)
+
+
+@pytest.mark.parametrize("pair", CONFLICTS, ids=["+".join(p) for p in CONFLICTS])
+@pytest.mark.parametrize("attached", ["learn.cbs", "fit(cbs=...)"])
+def test_declared_conflicts_are_refused_by_the_later_one(pair, attached):
+    """Two techniques that cannot be combined: the later refuses with an error that names the other, before any
+    training; the Learner is left as it was."""
+    first, second = (TECHNIQUES[n].make() for n in pair)
+    learn = _learner(pair[0], [first, second] if attached == "learn.cbs" else [], n=64)
+    before = params_of(learn)
+    opt_func = learn.opt_func
+    names = sorted((type(first).__name__, type(second).__name__))
+    with pytest.raises(ValueError, match=rf"cannot train beside ({names[0]}|{names[1]})"):
+        learn.fit(1, 1e-2, cbs=[] if attached == "learn.cbs" else [first, second])
+    assert torch.equal(before, params_of(learn)), "it trained before refusing"
+    assert learn.opt_func is opt_func
 
 
 class _Snapshot(Callback):

@@ -12,7 +12,7 @@ import schedulefree  # imported with the module (about a second: it loads torch.
 import torch
 from fastai.optimizer import OptimWrapper
 
-from ..callback import EffilabCallback
+from ..callback import EffilabCallback, refuse_beside
 from ..core.averaging import recompute_bn
 from ..data.pruning import _unwrap_distributed
 from ..optim.averaging import _rng_untouched
@@ -61,9 +61,9 @@ class ScheduleFree(EffilabCallback):
     (the next fit continues its state); passed to `fit(cbs=...)` the Learner's own optimizer comes back after
     the fit (the weights stay at x).
 
-    **Interactions.** Replaces the optimizer: not with another optimizer callback (LAMB, LARS, SAM's
-    two-step update). Weight averaging (EMA, SWA) of y is redundant with x. Models with several inputs get
-    no BatchNorm pass. Inactive in `lr_find`.
+    **Interactions.** Replaces the optimizer: not with another optimizer callback (LAMB, LARS: the later of
+    the two on a Learner refuses to fit) nor SAM's two-step update. Weight averaging (EMA, SWA) of y is
+    redundant with x. Models with several inputs get no BatchNorm pass. Inactive in `lr_find`.
 
     **Saves.** The stopping time: no budget needs to be known in advance (one run, evaluated anytime).
 
@@ -111,8 +111,11 @@ class ScheduleFree(EffilabCallback):
         self._permanent = True
         self._previous_opt_func, self.learn.opt_func = self.learn.opt_func, self.opt_func
 
+    replaces_optimizer = True  # one such callback per Learner (`refuse_beside`): LAMB, LARS
+
     def before_fit(self):
         self._peak = None
+        refuse_beside(self, "replaces_optimizer", "replace the Learner's optimizer with their own")
         opt = self.learn.opt
         if self._is_ours(opt) and opt.opt.param_groups[0]["train_mode"]:
             self._optimizer_mode(False)  # an interrupted fit left y in the model: x is the model
@@ -196,4 +199,4 @@ class ScheduleFree(EffilabCallback):
         self.fit_count = state["fit_count"]
 
 
-register("schedule_free", lambda: ScheduleFree(bn_batches=4), "budget")
+register("schedule_free", lambda: ScheduleFree(bn_batches=4), "budget", conflicts=("lamb", "lars"))

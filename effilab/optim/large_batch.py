@@ -9,7 +9,7 @@ import torch.distributed as dist
 from fastai.callback.schedule import ParamScheduler
 from fastai.optimizer import Lamb, Larc, lamb_step, larc_step
 
-from ..callback import EffilabCallback
+from ..callback import EffilabCallback, refuse_beside
 from ..core.batch_schedule import linear_scaling
 from ..core.distributed import is_distributed
 from ..registry import register
@@ -47,8 +47,11 @@ class UseOptimizer(EffilabCallback):
         return opt is not None and any(cb is self.step_marker or getattr(cb, "func", None) is self.step_marker
                                        for cb in getattr(opt, "cbs", ()))
 
+    replaces_optimizer = True  # one such callback per Learner (`refuse_beside`)
+
     def before_fit(self):
         self._former = None
+        refuse_beside(self, "replaces_optimizer", "replace the Learner's optimizer with their own")
         if not self._is_ours():
             self._former = (self.learn.opt_func, self.learn.opt)
         self.learn.opt_func = self.opt_func
@@ -86,7 +89,7 @@ class LambOptimizer(UseOptimizer):
 
     **Interactions.** fastai's `lamb_step` reads the trust ratio back to the host for each parameter
     tensor at every step (a sync per tensor on GPUs): a cost of fastai's implementation. One optimizer
-    callback per Learner.
+    callback per Learner (LAMB, LARS, ScheduleFree): the later one refuses to fit.
 
     **Telemetry.** Source `"optimizer"`, meta: the optimizer's name and hyper-parameters.
     """
@@ -205,6 +208,6 @@ class LinearScaling(EffilabCallback):
         self.telemetry.record(self.telemetry_name, "fit", bs=self.bs, base_bs=self.base_bs, scale=self.scale)
 
 
-register("lamb", lambda: LambOptimizer(), "optim")
-register("lars", lambda: LarsOptimizer(), "optim")
+register("lamb", lambda: LambOptimizer(), "optim", conflicts=("lars", "schedule_free"))
+register("lars", lambda: LarsOptimizer(), "optim", conflicts=("lamb", "schedule_free"))
 register("linear_scaling", lambda: LinearScaling(base_bs=32), "optim")
