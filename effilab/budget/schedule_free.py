@@ -4,12 +4,14 @@ train()/eval() switching, its learning rate and momentum, and the BatchNorm stat
 from __future__ import annotations
 
 import math
+import sys
 from functools import partial
 from itertools import islice
 
 import numpy as np
 import schedulefree  # imported with the module (about a second: it loads torch.distributed), not in a timed fit
 import torch
+from fastai.callback.core import CancelFitException
 from fastai.optimizer import OptimWrapper
 
 from ..callback import EffilabCallback, refuse_beside
@@ -59,7 +61,8 @@ class ScheduleFree(EffilabCallback):
     **Use.** `Learner(dls, model, cbs=ScheduleFree())` then `learn.fit(...)` or `fit_budget(...,
     schedule="schedule_free")`. Given at `Learner(...)` the optimizer stays on the Learner between fits
     (the next fit continues its state); passed to `fit(cbs=...)` the Learner's own optimizer comes back after
-    the fit (the weights stay at x).
+    the fit (the weights stay at x). An error or Ctrl-C leaves the raw training weights y in the model (as
+    SWA leaves its average out); kept on the Learner, the next `fit` or `validate` puts x back.
 
     **Interactions.** Replaces the optimizer: not with another optimizer callback (LAMB, LARS: the later of
     the two on a Learner refuses to fit) nor SAM's two-step update. Weight averaging (EMA, SWA) of y is
@@ -190,7 +193,18 @@ class ScheduleFree(EffilabCallback):
             self.learn.opt = None
 
     def after_cancel_fit(self):
-        self.after_fit()
+        if isinstance(sys.exc_info()[1], CancelFitException):
+            return  # a fit ended on purpose (a budget spent): `after_fit` follows and leaves x in the model
+        # An error or Ctrl-C: the weights stay where training had them (y, the raw weights, as SWA leaves its
+        # average out). Kept on the Learner, the optimizer stays in train mode and the next fit or validate
+        # puts x in the model (`before_fit`); given to fit(cbs=...), the Learner's own optimizer comes back.
+        if self._peak is None:
+            return
+        self._peak = None
+        self.fit_count += 1
+        if not self._permanent and self._previous_opt_func is not None:
+            self.learn.opt_func, self._previous_opt_func = self._previous_opt_func, None
+            self.learn.opt = None
 
     def state_dict(self) -> dict:
         return {"fit_count": self.fit_count}
