@@ -21,7 +21,9 @@ class Technique:
     kind of learner the generic suite trains with it: "tabular" (12-dim MLP), "image" (1x16x16 images
     and a CNN) or "sequence" (a character language model). `conflicts` names the techniques it cannot be
     combined with (either side may declare a pair): the later of the two on a Learner refuses to fit with a
-    clear error, and the generic suite combines every technique with all the others but those."""
+    clear error, and the generic suite combines every technique with all the others but those.
+    `keeps_model_changes`: the technique changes the model's architecture for good (growth, inserted gates), as
+    training changes its weights: a fit it leaves, finished or interrupted, leaves the model as it then was."""
 
     name: str
     make: Callable
@@ -29,6 +31,7 @@ class Technique:
     stateful: bool = False
     task: str = "tabular"
     conflicts: tuple[str, ...] = ()
+    keeps_model_changes: bool = False
 
     def conflicts_with(self, other: Technique) -> bool:
         return other.name in self.conflicts or self.name in other.conflicts
@@ -43,7 +46,7 @@ def _origin(make: Callable) -> tuple:
 
 
 def register(name: str, make: Callable, category: str, stateful: bool = False, task: str = "tabular",
-             conflicts: tuple[str, ...] = ()) -> None:
+             conflicts: tuple[str, ...] = (), keeps_model_changes: bool = False) -> None:
     # Re-importing the registering module (`importlib.reload`, `%autoreload`) makes a new `make` of the same
     # origin: it replaces the old one. Another module claiming the name is an error.
     if name in TECHNIQUES and _origin(TECHNIQUES[name].make) != _origin(make):
@@ -54,7 +57,7 @@ def register(name: str, make: Callable, category: str, stateful: bool = False, t
         raise ValueError(f"technique {name!r}: task must be one of {TASK_KINDS}, got {task!r}")
     if isinstance(conflicts, str) or not all(isinstance(c, str) for c in conflicts):
         raise TypeError(f"technique {name!r}: conflicts must be a tuple of technique names, got {conflicts!r}")
-    TECHNIQUES[name] = Technique(name, make, category, stateful, task, tuple(conflicts))
+    TECHNIQUES[name] = Technique(name, make, category, stateful, task, tuple(conflicts), bool(keeps_model_changes))
 
 
 def all_techniques() -> dict[str, Technique]:

@@ -222,17 +222,21 @@ def test_declared_conflicts_are_refused_by_the_later_one(pair, attached):
 
 
 class _Snapshot(Callback):
-    """The model's raw weights at the start of each training batch and of each validation (before any other
-    callback's handler runs): what an interrupted fit must leave in the model."""
+    """The model's raw weights (and its architecture) at the start of each training batch and of each validation
+    (before any other callback's handler runs): what an interrupted fit must leave in the model."""
 
     order = -1000
 
     def before_batch(self):
         if self.training:
-            self.raw = params_of(self.learn)
+            self._take()
 
     def before_validate(self):
+        self._take()
+
+    def _take(self):
         self.raw = params_of(self.learn)
+        self.architecture = {k: v for k, v in _learner_state(self.learn).items() if k in _ARCHITECTURE}
 
 
 class _Interrupt(Callback):
@@ -264,6 +268,9 @@ def _learner_state(learn) -> dict:
         "requires_grad": [p.requires_grad for p in model.parameters()],
         "callbacks": [type(cb).__name__ for cb in learn.cbs],
     }
+
+
+_ARCHITECTURE = ("modules", "requires_grad")  # what `Technique.keeps_model_changes` techniques change for good
 
 
 def _changes(before: dict, after: dict) -> list[str]:
@@ -298,6 +305,9 @@ def test_an_interrupted_fit_leaves_the_learner_as_it_found_it(name, attached, in
     with pytest.raises(exc, match="interrupted at"):
         learn.fit_one_cycle(3, 1e-2, cbs=extra if attached == "learn.cbs" else [technique, *extra])
     where = f"{name} ({attached}, {exc.__name__} at {event} of a {phase} batch)"
+    if TECHNIQUES[name].keeps_model_changes:  # the grown model, like its weights: as it was at the interruption
+        assert snapshot.architecture != {k: before[k] for k in _ARCHITECTURE}, f"{name} changed no architecture"
+        before |= snapshot.architecture
     changed = _changes(before, _learner_state(learn))
     assert not changed, f"{where} left the Learner changed: " + "; ".join(changed)
     diff = (params_of(learn) - snapshot.raw).abs().max()

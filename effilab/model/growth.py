@@ -216,5 +216,6 @@ class ModelWidening(ModelGrowth):
         super().__init__(at=at, op="widen", factor=factor, noise=noise, tol=tol, seed=seed)
 
 
-register("model_growth", lambda: ModelGrowth(at=(0.3,), op="deepen"), "model", stateful=False, task="sequence")
+register("model_growth", lambda: ModelGrowth(at=(0.3,), op="deepen"), "model", stateful=False, task="sequence",
+         keeps_model_changes=True)
 register("model_widening", lambda: ModelWidening(at=(0.3,), factor=1.5), "model", stateful=False, task="sequence")

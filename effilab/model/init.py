@@ -266,7 +266,8 @@ class WhitenFirstConv(InitCallback):
         self._unfreeze()
 
 
-register("rezero", lambda: ResidualGates(init=0.0), "model", stateful=False, task="sequence")
+register("rezero", lambda: ResidualGates(init=0.0), "model", stateful=False, task="sequence",
+         keeps_model_changes=True)
 register("fixup", lambda: FixupInit(), "model", stateful=False, task="sequence")
 register("lsuv", lambda: LSUVInit(tol=0.1, max_iter=5), "model", stateful=False, task="tabular")
 register("whiten_first_conv", lambda: WhitenFirstConv(n_images=256), "model", stateful=False, task="image")
