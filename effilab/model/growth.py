@@ -55,7 +55,8 @@ class ModelGrowth(EffilabCallback):
     same: call `cb.grow_to(n_events)` first).
 
     **Interactions.** Order -5: grows before stochastic depth (which follows the new blocks) and mixed
-    precision. Not under DDP (the wrapper would need rebuilding): refused. A compile callback must recompile
+    precision. Refuses to train beside `FP8Training`, which swaps layers by name that growth copies or
+    resizes. Not under DDP (the wrapper would need rebuilding): refused. A compile callback must recompile
     after growth. An interrupted fit keeps the grown model (like trained weights).
 
     **Telemetry.** Source `"growth"`: meta `planned` {stage flops_per_sample, boundaries, planned_saving};
@@ -119,6 +120,13 @@ class ModelGrowth(EffilabCallback):
             raise RuntimeError("ModelGrowth does not run under DDP: the DDP wrapper would have to be rebuilt around "
                                "the grown model. Grow in a single-process run.")
         require_residual_blocks(self.model, "ModelGrowth")
+        fp8 = [cb for cb in self.learn.cbs if type(cb).__name__ == "FP8Training"]
+        if fp8:
+            raise ValueError(f"{type(self).__name__} cannot train beside FP8Training on the same Learner: FP8Training "
+                             "swaps the Linear layers for float8 ones and swaps them back by name after the fit, and "
+                             "growth copies (deepen) or resizes (widen) those layers, so the wrong layers would come "
+                             "back; widening also changes their float8 scales, so it no longer preserves the function. "
+                             "Grow without FP8Training, or use FP8Training on the grown model in a later fit.")
 
     def before_train(self):
         # the first trained epoch of a real fit (validate() and lr_find fire before_fit too)
@@ -217,5 +225,6 @@ class ModelWidening(ModelGrowth):
 
 
 register("model_growth", lambda: ModelGrowth(at=(0.3,), op="deepen"), "model", stateful=False, task="sequence",
-         keeps_model_changes=True)
-register("model_widening", lambda: ModelWidening(at=(0.3,), factor=1.5), "model", stateful=False, task="sequence")
+         keeps_model_changes=True, conflicts=("fp8",))
+register("model_widening", lambda: ModelWidening(at=(0.3,), factor=1.5), "model", stateful=False, task="sequence",
+         conflicts=("fp8",))
