@@ -97,8 +97,8 @@ class Budget(EffilabCallback):
     **Saves.** Nothing by itself: it decides how much is spent, and counts it.
 
     **Telemetry.** Source `"budget"`: meta {amount, unit}; stream `"epoch"` {fit, epoch, spent, amount,
-    unit, progress, steps, train_s, warmup_s, valid_s}; stream `"fit"` (at the end) the same plus
-    `stopped_by_budget`.
+    unit, progress, steps}; stream `"timing"` (this machine's clock, so not identical across ranks) {fit,
+    epoch, train_s, warmup_s, valid_s}; stream `"fit"` (at the end) all of these plus `stopped_by_budget`.
     """
 
     order = -9  # after TrainEvalCallback (-10) sets pct_train, before the callbacks that reshape batches by it
@@ -291,7 +291,10 @@ class Budget(EffilabCallback):
 
     def after_epoch(self):
         if self._fitting:
-            self.telemetry.record(self.telemetry_name, "epoch", **self._record())
+            # the shared counts per epoch; this machine's clock apart (ranks differ in it under DDP)
+            self.telemetry.record(self.telemetry_name, "epoch", **self._record(timing=False))
+            self.telemetry.record(self.telemetry_name, "timing", fit=self.fit_count, epoch=self._epoch,
+                                  train_s=self.train_s, warmup_s=self.warmup_s, valid_s=self.valid_s)
 
     def after_cancel_fit(self):
         self._finish()
@@ -312,10 +315,10 @@ class Budget(EffilabCallback):
                           f"{self.amount:g} {self.unit} (p = {self.progress:.2f}): its schedules did not finish. "
                           "Pass more epochs (the budget ends the fit)", stacklevel=3)
 
-    def _record(self) -> dict:
-        return {"fit": self.fit_count, "epoch": self._epoch, "spent": self.spent, "amount": self.amount,
-                "unit": self.unit, "progress": self.progress, "steps": self.budget.steps, "train_s": self.train_s,
-                "warmup_s": self.warmup_s, "valid_s": self.valid_s}
+    def _record(self, timing: bool = True) -> dict:
+        rec = {"fit": self.fit_count, "epoch": self._epoch, "spent": self.spent, "amount": self.amount,
+               "unit": self.unit, "progress": self.progress, "steps": self.budget.steps}
+        return rec | ({"train_s": self.train_s, "warmup_s": self.warmup_s, "valid_s": self.valid_s} if timing else {})
 
     # -- state
     def state_dict(self) -> dict:
