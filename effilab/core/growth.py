@@ -21,11 +21,28 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .residual import ResidualBlock, require_residual_blocks
 
-__all__ = ["GrowthError", "check_preserved", "deepen_", "train_flops_per_sample", "widen_"]
+__all__ = ["GrowthError", "check_preserved", "copy_without_hooks", "deepen_", "train_flops_per_sample", "widen_"]
 
 
 class GrowthError(ValueError):
     """A growth operation that cannot preserve the model's function (or cannot be applied to this model)."""
+
+
+def copy_without_hooks(module: nn.Module) -> nn.Module:
+    """`copy.deepcopy(module)` without the hooks registered on its modules. A hook is often a method of its
+    owner (a callback that holds a Learner, its loss, its loaders), which deepcopy would copy whole, or fail on;
+    the copy (a new block, a probe for counting FLOPs) starts with none."""
+    saved = []
+    for m in module.modules():
+        for name, value in list(m.__dict__.items()):
+            if name.startswith("_") and "hooks" in name and isinstance(value, dict) and value:
+                saved.append((m, name, value))
+                m.__dict__[name] = type(value)()
+    try:
+        return copy.deepcopy(module)
+    finally:
+        for m, name, value in saved:
+            m.__dict__[name] = value
 
 
 def _parent_and_key(model: nn.Module, module: nn.Module) -> tuple[nn.Module, str]:
@@ -58,7 +75,7 @@ def deepen_(model: nn.Module, block: ResidualBlock) -> ResidualBlock:
         raise GrowthError(f"cannot deepen after {type(block).__name__}: its shortcut is not the identity (it changes "
                           "the shape), so a copy would not fit after it; deepen after a shape-keeping block")
     parent, key = _parent_and_key(model, block)
-    new = copy.deepcopy(block)
+    new = copy_without_hooks(block)
     if new.gate is not None:
         new.gate.zero_()
     else:
@@ -190,7 +207,7 @@ def train_flops_per_sample(model: nn.Module, x: torch.Tensor, loss_func=None) ->
     """Training FLOPs (forward + backward) per sample of `model` on the batch `x`, counted by
     `torch.utils.flop_counter.FlopCounterMode` on a copy (the model, its statistics and the random streams
     are untouched)."""
-    probe = copy.deepcopy(model)
+    probe = copy_without_hooks(model)
     probe.train()
     for p in probe.parameters():
         p.requires_grad_(True)

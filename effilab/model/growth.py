@@ -3,7 +3,6 @@ chosen points of the fit without changing its function, and count the compute sa
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -11,7 +10,14 @@ from fastai.torch_core import get_model
 from torch.nn.parallel import DistributedDataParallel
 
 from ..callback import EffilabCallback
-from ..core.growth import GrowthError, check_preserved, eval_output, grow_blocks, train_flops_per_sample
+from ..core.growth import (
+    GrowthError,
+    check_preserved,
+    copy_without_hooks,
+    eval_output,
+    grow_blocks,
+    train_flops_per_sample,
+)
 from ..core.residual import require_residual_blocks
 from ..registry import register
 from ._common import first_batch, rebuild_optimizer
@@ -147,7 +153,7 @@ class ModelGrowth(EffilabCallback):
 
     def _plan(self, x):
         """Grow a copy through the remaining events: per-stage training FLOPs and the planned saving."""
-        model = copy.deepcopy(self.model)
+        model = copy_without_hooks(self.model)
         stages = [self._flops_now]
         for event in range(self.done, len(self.at)):
             self._grow(model, event)
