@@ -152,7 +152,8 @@ def saved_activation_bytes(model: nn.Module, blocks: dict[str, nn.Module], input
     The forward leaves no trace: the random generators are forked, buffers (BatchNorm statistics) restored,
     and the graph is dropped without a backward.
     """
-    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    # a sharded (FSDP2 DTensor) parameter has no storage of its own: its local shard's
+    param_ptrs = {getattr(p, "to_local", lambda p=p: p)().untyped_storage().data_ptr() for p in model.parameters()}
     seen: set[int] = set()
     per_block = dict.fromkeys(blocks, 0)
     kept = dict.fromkeys(blocks, 0)
