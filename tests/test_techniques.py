@@ -317,6 +317,7 @@ def test_an_interrupted_fit_leaves_the_learner_as_it_found_it(name, attached, in
 
 
 _WRONG = ["no", "0.5", 1.5, float("nan"), True, None, 1]
+_REQUIRED_EXAMPLES = {"amount": 1280}
 _FITS = {"bool": lambda v: type(v) is bool, "int": lambda v: type(v) is int, "str": lambda v: isinstance(v, str),
          "float": lambda v: type(v) in (int, float) and v == v, "None": lambda v: v is None}
 
@@ -333,6 +334,9 @@ def test_constructors_reject_arguments_of_the_wrong_type(name, request):
         request.applymarker(pytest.mark.xfail(strict=True, reason=f"{cls.__name__} is no EffilabCallback, whose "
                                               "constructors check their arguments' types"))
     params = [p for p in inspect.signature(cls.__init__).parameters.values() if p.name != "self"]
+    # arguments a constructor cannot do without get a valid value (a budget's amount), the one tried a wrong one
+    required = {p.name: _REQUIRED_EXAMPLES[p.name] for p in params
+                if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
     tried = 0
     for param in params:
         ann = param.annotation
@@ -342,6 +346,6 @@ def test_constructors_reject_arguments_of_the_wrong_type(name, request):
         for value in _WRONG:
             if not any(_FITS[k](value) for k in kinds):
                 with pytest.raises(ArgumentTypeError, match=param.name):
-                    cls(**{param.name: value})
+                    cls(**(required | {param.name: value}))
                 tried += 1
     assert tried or not params, f"{cls.__name__}: no annotated argument to check"
