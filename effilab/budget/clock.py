@@ -4,6 +4,7 @@ follows the budget) and ends the fit when the budget is spent; `learn.fit_budget
 from __future__ import annotations
 
 import math
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -297,16 +298,23 @@ class Budget(EffilabCallback):
                                   train_s=self.train_s, warmup_s=self.warmup_s, valid_s=self.valid_s)
 
     def after_cancel_fit(self):
-        self._finish()
+        if isinstance(sys.exc_info()[1], CancelFitException):
+            return  # a fit ended on purpose (the budget spent, on every rank alike): `after_fit` follows
+        self._finish(every_rank=False)  # an error may stop one rank only: no collective
 
     def after_fit(self):
         self._finish()
 
-    def _finish(self):
+    def _finish(self, every_rank: bool = True):
         if not self._fitting:
             return
         self._fitting = False
-        self.budget.excluded = self.warmup_s + self.valid_s
+        excluded = self.warmup_s + self.valid_s
+        if every_rank and is_distributed():  # the slowest rank's, as for a time budget's spend: one per fit
+            t = torch.tensor([excluded], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_host_group())
+            excluded = float(t[0])  # sync-ok: a host tensor (gloo), once per fit
+        self.budget.excluded = excluded
         rec = self._record() | {"stopped_by_budget": self.stopped_by_budget}
         self.telemetry.record(self.telemetry_name, "fit", **rec)
         self.fit_count += 1
