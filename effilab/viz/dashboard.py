@@ -7,10 +7,9 @@ import sys
 import time
 import warnings
 
-from fastai.callback.core import Callback
 from fastai.learner import Learner
 
-from ..callback import PER_BATCH_EVENTS, telemetry_of
+from ..callback import PER_BATCH_EVENTS, EffilabCallback, telemetry_of
 from . import figures as F
 from .mode import ModeChoice, decide_mode, in_kernel
 
@@ -40,7 +39,7 @@ class Throttle:
         return False
 
 
-class Dashboard(Callback):
+class Dashboard(EffilabCallback):
     """A live panel of the fit in the notebook: training curves, data decisions, schedules, memory and
     throughput, drawn from `learn.telemetry` only.
 
@@ -74,13 +73,14 @@ class Dashboard(Callback):
 
     order, run_valid = 95, False  # after the telemetry writers (FitRecorder 55, SystemMonitor 90)
     # Widgets, display handles and the last figure stay out of pickles (`learn.export`).
-    _stateattrs = ("_fw", "_status", "_progress", "_widgets", "_handle", "final_figure")
+    _stateattrs = ("_fw", "_status", "_progress", "_widgets", "_handle", "final_figure", "_added")
 
     def __init__(self, mode: str | None = None, max_per_s: float = 2.0, clock=time.monotonic,
                  budget: float = 0.01):
+        # Types are checked from the annotations (EffilabCallback); the values here.
         decide_mode(mode, env={}, kernel=False)  # a wrong mode fails here, not in the middle of a fit
         for name, v in (("max_per_s", max_per_s), ("budget", budget)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == float("inf"):
+            if not (0 <= v < float("inf")):
                 raise ValueError(f"Dashboard({name}=...) must be a finite number >= 0, got {v!r}")
         self.mode_arg, self.max_per_s, self.clock, self.budget = mode, max_per_s, clock, budget
         self.mode, self.mode_reason, self.final_summary = None, "", ""
@@ -92,6 +92,7 @@ class Dashboard(Callback):
         self.final_figure = self._fw = self._status = self._progress = self._handle = None
         self._widgets = []
         self._running, self._warned, self._seen, self._key, self._sent = False, False, -1, None, {}
+        self._added = []  # the writers this fit added, removed when it ends
         self._autosized = float("-inf")
         self._throttle = Throttle(self.max_per_s, self.clock) if hasattr(self, "max_per_s") else None
         # Drawing budget: real seconds spent drawing this fit, since when, and the next time a draw may start.
@@ -174,11 +175,15 @@ class Dashboard(Callback):
             self._push(force=True)
 
     def after_fit(self):
-        if not self._running:
-            return
-        self._running = False
-        # No last update: the widget is replaced by the final figure right away.
-        self._guard("drawing the final figure", self._finish)
+        if self._running:
+            self._running = False
+            # No last update: the widget is replaced by the final figure right away.
+            self._guard("drawing the final figure", self._finish)
+        self._remove_writers()
+
+    def after_cancel_fit(self):
+        # An interrupted fit (an error, Ctrl-C, CancelFitException): what it recorded replaces the widget.
+        self.after_fit()
 
     # ---- public
     def save_html(self, path) -> str:
@@ -211,6 +216,8 @@ class Dashboard(Callback):
             return None
 
     def _ensure_writers(self, in_fit: bool = False):
+        """Add the writers the Learner lacks: for good when the Dashboard is created with the Learner (or
+        by `learn.dashboard()`), for this fit only when it joins at a fit (`fit(cbs=...)`, `add_cb`)."""
         try:
             from ..system.fit_recorder import FitRecorder
             from ..system.monitor import SystemMonitor
@@ -221,7 +228,15 @@ class Dashboard(Callback):
                 cb = cls()
                 self.learn.add_cb(cb)
                 if in_fit:  # the Learner is past this event for the callbacks it had when it started
+                    self._added.append(cb)
                     cb("before_fit")
+
+    def _remove_writers(self):
+        added, self._added = self._added, []
+        for cb in added:
+            if cb.learn is not None:
+                cb("after_fit")  # after an interruption its own after_fit would come too late (or never)
+                self.learn.remove_cb(cb)
 
     @staticmethod
     def _preload():
