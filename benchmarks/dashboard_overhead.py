@@ -3,7 +3,7 @@
 Part 1, in this process (no browser): the same fit (MNIST-1D 20k, the 256-wide MLP, InfoBatch(0.5),
 `fit_one_cycle(6)`, then 24 epochs, batch 128, one thread) with no dashboard, with only the telemetry
 writers a Dashboard adds (`FitRecorder`, `SystemMonitor`), with `Dashboard(mode="static")`, with
-`Dashboard(mode="live")` at its defaults (at most 2 draws/s, and drawing within 1% of the fit's time) and
+`Dashboard(mode="live")` at its defaults (at most 4 draws/s, and drawing within 1% of the fit's time) and
 without the rate limit (`max_per_s=0`: the time budget only). In live
 mode the FigureWidget is created and updated as in a notebook; there is no front end, so the widget's
 comm is replaced by one that JSON-encodes every message as a kernel would (jupyter_client's packer) and
@@ -54,7 +54,7 @@ BS, LR = 128, 3e-3
 ARMS = ("none", "writers", "static", "live", "live_unthrottled")
 ARM_TITLES = {"none": "no dashboard", "writers": "telemetry writers only (FitRecorder, SystemMonitor)",
               "static": "Dashboard(mode='static')",
-              "live": "Dashboard(mode='live') (default: <= 2 draws/s, within 1% of the fit's time)",
+              "live": "Dashboard(mode='live') (default: <= 4 draws/s, within 1% of the fit's time)",
               "live_unthrottled": "Dashboard(mode='live', max_per_s=0) (the 1% budget only)"}
 
 
@@ -124,7 +124,7 @@ def _learner(task, arm: str):
         cbs += writers
     if arm in ("static", "live", "live_unthrottled"):
         mode = "static" if arm == "static" else "live"
-        dash = _timed(Dashboard)(mode=mode, max_per_s=0.0 if arm == "live_unthrottled" else 2.0)
+        dash = _timed(Dashboard)(mode=mode, **({"max_per_s": 0.0} if arm == "live_unthrottled" else {}))
         cbs.append(dash)
     learn = make_learner(task, BS, seed=0, cbs=cbs, metrics=[accuracy])
     learn.remove_cb(ProgressCallback)
@@ -329,7 +329,7 @@ def main(argv=None):
                    help="fit lengths for part 1 (default 6 and 24 epochs; 2 with --quick)")
     p.add_argument("--no-browser", action="store_true", help="skip part 2 (JupyterLab + Chromium)")
     p.add_argument("--browser-only", action="store_true", help="skip part 1 (the in-process overhead)")
-    p.add_argument("--throttles", type=float, nargs="+", default=[2.0, 0.0],
+    p.add_argument("--throttles", type=float, nargs="+", default=[4.0, 0.0],
                    help="max_per_s values for the browser part (0: unthrottled)")
     args = p.parse_args(argv)
     apply_threads(args)

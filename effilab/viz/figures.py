@@ -30,7 +30,7 @@ from .static import KEPT, PRUNED, RESCALED
 
 __all__ = ["PANELS", "PANEL_TITLES", "Cell", "Snapshot", "build_figure", "cells", "data_sources", "epoch_number",
            "figure_bundle", "informative_epoch", "layout_key", "lr_find_figure", "panels", "report_html", "snapshot",
-           "status", "status_line", "summary_text", "update_figure"]
+           "status", "status_line", "summary_text", "update_figure", "figure_delta"]
 
 PANELS = ("training", "data", "schedules", "memory", "throughput")
 PANEL_TITLES = {"training": "Training", "data": "Data decisions", "schedules": "Schedules",
@@ -752,6 +752,36 @@ def _plain(d: dict) -> dict:
 
 def _plain_axis(d: dict) -> dict:
     return {k: ({"text": v} if k == "title" and isinstance(v, str) else v) for k, v in d.items()}
+
+
+def figure_delta(t: Telemetry | Snapshot, cs: list[Cell], sent: dict) -> tuple[list, dict]:
+    """What changed since the last call with the same `sent` dict, for a figure built by `build_figure`
+    with the same `layout_key`: `(groups, layout)`, where each group is `(trace_indexes, style)` in
+    `Plotly.update`'s terms (`style[field][j]` is trace `trace_indexes[j]`'s new array; traces are grouped
+    by the fields that changed, as a restyle cannot leave one trace's field alone while setting another's)
+    and `layout` maps layout paths (`"annotations[2].text"`, `"title.text"`) to their new values. Only the
+    traces whose data changed are in it; `sent` is updated as if it had been sent."""
+    t = snapshot(t)
+    groups: dict[tuple, tuple[list, dict]] = {}
+    i = 0
+    for c in cs:
+        for tr in c.traces:
+            changed = [k for k in _DATA_FIELDS if k in tr and sent.get((i, k)) != tr[k]]
+            if changed:
+                idx, style = groups.setdefault(tuple(changed), ([], {k: [] for k in changed}))
+                idx.append(i)
+                for k in changed:
+                    style[k].append(tr[k])
+                    sent[(i, k)] = tr[k]
+            i += 1
+    layout = {}
+    for k, c in enumerate(cs):
+        if sent.get(("annotation", k)) != c.title:
+            layout[f"annotations[{k}].text"] = sent[("annotation", k)] = c.title
+    title = _title(t, live=True)
+    if sent.get("title") != title:
+        layout["title.text"] = sent["title"] = title
+    return list(groups.values()), layout
 
 
 def update_figure(fig: go.Figure, t: Telemetry | Snapshot, cs: list[Cell] | None = None,

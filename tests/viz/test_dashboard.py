@@ -178,7 +178,7 @@ def test_a_drawing_failure_warns_once_and_training_completes(monkeypatch):
 def test_live_updates_failing_midway_warn_once(monkeypatch):
     pytest.importorskip("anywidget")
 
-    # Every step recorded: the layout settles in the first steps, and later updates go through update_figure.
+    # Every step recorded: the layout settles in the first steps, and later updates go through figure_delta.
     learn = make_learner([FitRecorder(every=1, max_per_s=1e9), SystemMonitor(every_s=0.0)], n=N, bs=BS)
     dash = Dashboard(mode="live", max_per_s=0.0, budget=0)
     learn.add_cb(dash)
@@ -188,13 +188,13 @@ def test_live_updates_failing_midway_warn_once(monkeypatch):
         calls.append(1)
         raise ValueError("bad trace")
 
-    monkeypatch.setattr(F, "update_figure", broken)
+    monkeypatch.setattr(F, "figure_delta", broken)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         learn.fit(2, 1e-2)
     assert len([w for w in caught if "Dashboard" in str(w.message)]) == 1
     assert len(calls) > 1 and dash.n_failures == len(calls)
-    assert dash.final_figure is not None  # the final figure does not go through update_figure
+    assert dash.final_figure is not None  # the final figure does not go through figure_delta
 
 
 def test_live_without_anywidget_falls_back_to_static(monkeypatch, capsys):
@@ -319,9 +319,29 @@ def test_live_drawing_stays_within_its_budget(monkeypatch):
 
 
 def test_wrong_settings_are_errors():
-    for kwargs in ({"budget": -0.1}, {"budget": True}, {"max_per_s": "2"}, {"budget": float("nan")}):
+    from effilab.callback import ArgumentTypeError
+
+    for kwargs in ({"budget": -0.1}, {"max_per_s": float("inf")}):
         with pytest.raises(ValueError, match="must be a finite number"):
             Dashboard(**kwargs)
+    for kwargs in ({"budget": True}, {"max_per_s": "2"}, {"budget": float("nan")}, {"mode": 1}):
+        with pytest.raises(ArgumentTypeError, match=next(iter(kwargs))):
+            Dashboard(**kwargs)
+
+
+def test_writers_added_for_one_fit_leave_with_it():
+    """A Dashboard passed to `fit(cbs=...)` adds the writers it draws from for that fit only; one created with
+    the Learner keeps them."""
+    learn = make_learner([], n=N, bs=BS)
+    learn.fit(1, 1e-2, cbs=Dashboard(mode="static"))
+    assert not any(isinstance(cb, (FitRecorder, SystemMonitor, Dashboard)) for cb in learn.cbs)
+    assert len(telemetry_of(learn).records("fit", "epoch")) == 1  # they wrote while the fit ran
+    learn.fit(1, 1e-2, cbs=Dashboard(mode="static"))
+    assert [r["epoch"] for r in telemetry_of(learn).records("fit", "epoch")] == [0, 0]
+    assert telemetry_of(learn).meta("fit")["fit_index"] == 1
+    kept = make_learner([Dashboard(mode="static")], n=N, bs=BS)
+    kept.fit(1, 1e-2)
+    assert sum(isinstance(cb, (FitRecorder, SystemMonitor)) for cb in kept.cbs) == 2
 
 
 def _fake_colab(monkeypatch) -> list:
