@@ -198,7 +198,8 @@ class SystemMonitor(EffilabCallback):
     queue's depth, which averaging over `every_s` absorbs.
 
     **Overhead.** Two clock reads and a batch-size lookup per training batch, about 10-20 us on a busy
-    2-core CPU (its per-batch handlers are called directly, not through fastai's per-event dispatch); one psutil (~25 us), allocator and NVML read every `every_s`. Validation batches are not
+    2-core CPU (the per-batch handlers are called directly, not through fastai's per-event dispatch); one
+    psutil (~25 us), allocator and NVML read every `every_s`. Validation batches are not
     timed. CUDA's peak-memory statistic is reset at each epoch (process-wide).
 
     **Model FLOPs utilisation.** At the first training step of each epoch the forward and backward passes
