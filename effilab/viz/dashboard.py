@@ -46,11 +46,15 @@ class Dashboard(EffilabCallback):
 
     **Use.** `Learner(dls, model, cbs=[InfoBatch(0.5), Dashboard()])`, or `learn.dashboard()` (adds it
     and returns the Learner). It adds the telemetry writers it draws from (`FitRecorder`,
-    `SystemMonitor`) when the Learner lacks them. A panel appears only when it has data: training loss and
-    metrics; data decisions (score histogram kept / rescaled / pruned with the threshold, kept fraction per
-    epoch) for InfoBatch and any technique reporting a score histogram; planned (dashed) vs actual (solid)
-    schedules; memory (CUDA, or process RSS without a GPU); throughput, data-wait fraction, samples
-    forwarded vs full data, time left. After the fit, a slider scrubs the histogram through the epochs.
+    `SystemMonitor`) when the Learner lacks them: for good when it comes with the Learner (or through
+    `learn.dashboard()`), for one fit when it is passed to `fit(cbs=...)` (they leave with it, also after an
+    interruption). A panel appears only when it has data: training loss (with a `SyncFreeRecorder`, its
+    host reads: the dashboard makes none of its own) and metrics; data decisions (score histogram kept /
+    rescaled / pruned with the threshold, kept fraction per epoch) for InfoBatch and any technique reporting
+    a score histogram; planned (dashed) vs actual (solid) schedules; memory (CUDA allocated / reserved /
+    peak, or process RSS without a GPU, said in the panel's title); throughput, model FLOPs utilisation and
+    data-wait fraction, samples forwarded vs full data, time left. After the fit, a slider scrubs the
+    histogram through the epochs.
 
     **Mode** (`mode=None` chooses; first match wins): the `mode` argument (`"live"`, `"static"`,
     `"off"`) > environment variable `EFFILAB_DASHBOARD` > `CI` set: static > not in a Jupyter kernel:
@@ -58,10 +62,11 @@ class Dashboard(EffilabCallback):
     Colab): live > static (papermill, nbclient). See `effilab.viz.mode`.
 
     - *live*: one `FigureWidget` (subplots) under one header line (a progress bar and the status), in a
-      box of CSS class `effilab-dashboard`; redrawn inside `batch_update` when the telemetry changed, at
-      most `max_per_s` times per second and only while the time spent drawing stays within `budget` (a
-      share, default 1%) of the fit's time so far: the drawing rate follows the measured cost of a draw
-      against the training steps, on any machine. Only the data that changed is sent. At the end of the
+      box of CSS class `effilab-dashboard`; redrawn when the telemetry changed, at most `max_per_s` times
+      per second and only while the time spent drawing stays within `budget` (a share, default 1%) of the
+      fit's time so far: the drawing rate follows the measured cost of a draw against the training steps,
+      on any machine (rebuilding the layout when a panel appears, a few times per fit, is not held against
+      the budget). A draw sends only the traces whose data changed, as binary arrays, in one message. At the end of the
       fit the widget is replaced, through its display handle, by the static figure, so a saved notebook
       shows the result.
     - *static*: no widget; at the end of the fit the figure (when in a kernel) and a text summary.

@@ -175,6 +175,54 @@ def test_a_drawing_failure_warns_once_and_training_completes(monkeypatch):
     assert dash.final_figure is not None and dash.n_pushes > 0
 
 
+def test_live_draws_send_only_changed_traces_as_arrays(monkeypatch):
+    """A draw sends the traces whose data changed (the planned schedules never again after the widget
+    opened), as float arrays (binary buffers on the wire), and the widget's own figure stays equal to the
+    one built from the same telemetry."""
+    pytest.importorskip("anywidget")
+    import numpy as np
+    import plotly.graph_objects as go
+
+    sent = []
+    original = go.FigureWidget._send_update_msg
+
+    def spy(self, style, layout, traces, *a, **k):
+        sent.append((style, layout, list(traces), [self.data[i].name for i in traces]))
+        return original(self, style, layout, traces, *a, **k)
+
+    monkeypatch.setattr(go.FigureWidget, "_send_update_msg", spy)
+    learn = make_learner([InfoBatch(0.5, seed=0), FitRecorder(every=1, max_per_s=1e9), SystemMonitor(every_s=0.0)],
+                         n=N, bs=BS)
+    dash = Dashboard(mode="live", max_per_s=0.0, budget=0)
+    learn.add_cb(dash)
+    compared = []
+
+    class Compare(Callback):
+        order = 94  # before the dashboard replaces its widget
+
+        def after_fit(self):
+            t = telemetry_of(self.learn)
+            dash._redraw(t, True)
+            built = F.build_figure(F.snapshot(t), scrub=False, live=True)
+            fw = dash._fw
+            assert [tr.name for tr in fw.data] == [tr.name for tr in built.data]
+            for mine, ref in zip(fw.data, built.data):
+                for k in ("x", "y"):
+                    assert np.allclose(np.asarray(mine[k], dtype=float), np.asarray(ref[k], dtype=float)), \
+                        (mine.name, k)
+            compared.append(len(fw.data))
+
+    learn.fit_one_cycle(2, 1e-2, cbs=Compare())
+    assert compared and compared[0] > 10
+    assert sent and dash.n_pushes > dash.n_rebuilds
+    names = [n for *_, ns in sent for n in ns]
+    assert "loss: train (steps)" in names and "schedule/lr: actual" in names
+    assert not [n for n in names if n.endswith("planned")], "a planned schedule does not change"
+    assert all(len(ns) < compared[0] for *_, ns in sent), "only the traces that changed"
+    for style, *_ in sent:
+        assert all(isinstance(v, np.ndarray) and v.dtype == np.float64 for vs in style.values() for v in vs)
+
+
 def test_live_updates_failing_midway_warn_once(monkeypatch):
     pytest.importorskip("anywidget")
 
