@@ -408,8 +408,9 @@ def _send_delta(fw, groups: list, layout: dict) -> None:
     (a few ms per draw for ~25 traces); these arrays and paths are made by `figures` in plotly.js's own
     terms, so the checked part of plotly's widget protocol (`_send_update_msg`) is used directly."""
     for i, (idx, style) in enumerate(groups):
-        # Float arrays travel as binary buffers; lists would be walked element by element and sent as JSON.
-        style = {field: [np.asarray(v, dtype=np.float64) for v in values] for field, values in style.items()}
+        # Float arrays travel as binary buffers (float32: the values carry five significant digits); lists
+        # would be walked element by element and sent as JSON.
+        style = {field: [np.asarray(v, dtype=np.float32) for v in values] for field, values in style.items()}
         for field, values in style.items():
             for j, v in zip(idx, values):
                 fw._data[j][field] = v

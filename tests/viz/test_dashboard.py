@@ -220,7 +220,7 @@ def test_live_draws_send_only_changed_traces_as_arrays(monkeypatch):
     assert not [n for n in names if n.endswith("planned")], "a planned schedule does not change"
     assert all(len(ns) < compared[0] for *_, ns in sent), "only the traces that changed"
     for style, *_ in sent:
-        assert all(isinstance(v, np.ndarray) and v.dtype == np.float64 for vs in style.values() for v in vs)
+        assert all(isinstance(v, np.ndarray) and v.dtype == np.float32 for vs in style.values() for v in vs)
 
 
 def test_live_updates_failing_midway_warn_once(monkeypatch):
