@@ -156,16 +156,16 @@ def _one_fit(task, arm: str, epochs: int) -> dict:
     return out
 
 
-def overhead(n_samples: int, epochs: int, repeats: int) -> dict:
+def overhead(n_samples: int, epochs: int, repeats: int, arms: tuple = ARMS) -> dict:
     from effilab.datasets import mnist1d
 
     _install_encoding_comm()
     task = mnist1d(n_samples=n_samples, seed=0)
     for arm in ("none", "live"):  # warm-up: imports, plotly's validators, the first FigureWidget
         _one_fit(task, arm, 1)
-    runs = {arm: [] for arm in ARMS}
+    runs = {arm: [] for arm in arms}
     for r in range(repeats):
-        order = ARMS[r % len(ARMS):] + ARMS[:r % len(ARMS)]
+        order = arms[r % len(arms):] + arms[:r % len(arms)]
         for arm in order:
             runs[arm].append(_one_fit(task, arm, epochs))
             print(f"  {epochs} epochs, repeat {r + 1}/{repeats} {arm:17s} {runs[arm][-1]['wall_s']:.2f} s",
@@ -178,7 +178,7 @@ def overhead_rows(res: dict) -> list[list]:
     base_wall = median([r["wall_s"] for r in runs["none"]])
     base_cpu = median([r["cpu_s"] for r in runs["none"]])
     rows = []
-    for arm in ARMS:
+    for arm in [a for a in ARMS if a in runs]:
         rs = runs[arm]
         wall, cpu = median([r["wall_s"] for r in rs]), median([r["cpu_s"] for r in rs])
         own = median([r.get("dashboard_s", 0.0) + r["writers_s"] for r in rs])
@@ -384,6 +384,8 @@ def main(argv=None):
                    help="fit lengths for part 1 (default 6 and 24 epochs; 2 with --quick)")
     p.add_argument("--no-browser", action="store_true", help="skip part 2 (JupyterLab + Chromium)")
     p.add_argument("--browser-only", action="store_true", help="skip part 1 (the in-process overhead)")
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS),
+                   help="the arms of part 1 (default: all; 'none' is always run, as the reference)")
     p.add_argument("--draw-only", action="store_true", help="only the cost of one draw (no training, no browser)")
     p.add_argument("--throttles", type=float, nargs="+", default=[4.0, 0.0],
                    help="max_per_s values for the browser part (0: unthrottled)")
@@ -404,7 +406,7 @@ def main(argv=None):
         write_json("dashboard_draw_cost", {"draw_cost": res, "table": rows, "loadavg_end": list(os.getloadavg())})
         return
     for epochs in [] if args.browser_only else args.epochs or ([2] if args.quick else [6, 24]):
-        res = overhead(n_samples, epochs, repeats)
+        res = overhead(n_samples, epochs, repeats, tuple(a for a in ARMS if a == "none" or a in args.arms))
         rows = overhead_rows(res)
         print(f"\nPart 1: MNIST-1D {n_samples:,}, MLP 256, InfoBatch(0.5), fit_one_cycle({epochs}), "
               f"batch {BS}, {repeats} interleaved fits per arm\n")
