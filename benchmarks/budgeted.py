@@ -164,9 +164,10 @@ def _fit(task, setting, seed, *, cbs=(), budget=None, schedule="one_cycle", n_ep
     else:
         learn.fit_one_cycle(epochs, setting["lr"], cbs=[*cbs, *extra])
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    epochs_run = learn.epoch + 1
     acc = float(learn.validate()[1])
     return {"accuracy": acc, "samples": spend.samples, "flops": spend.flops, "train_flops": spend.train_flops,
-            "wall_s": wall, "cpu_s": cpu, "epochs_run": learn.epoch + 1,
+            "wall_s": wall, "cpu_s": cpu, "epochs_run": epochs_run,
             "budget_spent": None if budget is None else budget.spent,
             "stopped_by_budget": None if budget is None else budget.stopped_by_budget}
 
@@ -223,7 +224,9 @@ def run_task(task_name: str, seeds, fractions, techniques, quick: bool) -> list[
             # is scaled by the share of its spend its training steps took).
             share = tech["train_flops"] / tech["flops"] if sel else 1.0
             amount = full[tech_unit] * share
-            n_epoch = math.ceil(epochs * full[tech_unit] / spend * 1.1)
+            # Epochs enough to spend it. Under a FLOPs budget progressive resizing follows p = spent / budget, which
+            # its cheap low-resolution steps move slowly: it needs more epochs than its equal-epoch ratio says.
+            n_epoch = math.ceil(epochs * full[tech_unit] / spend * (2.0 if tech_unit == "flops" else 1.1))
             add("reinvest", f"{name}+reinvest", seed,
                 _fit(task, setting, seed, cbs=[_technique(name)], budget=Budget(amount, tech_unit), n_epoch=n_epoch,
                      selection_pass=sel), unit=tech_unit, amount=full[tech_unit], fraction=1.0)
@@ -297,6 +300,7 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0])
     parser.add_argument("--techniques", nargs="+", default=list(TECHNIQUES), choices=list(TECHNIQUES))
+    parser.add_argument("--name", default=None, help="the JSON's name under benchmarks/out (default: from the tasks)")
     args = parser.parse_args(argv)
     apply_threads(args)
     if 1.0 not in args.fractions:
@@ -315,7 +319,7 @@ def main(argv=None):
         print(f"\n### {title}\n\n{text}")
     print(f"\n{len(runs)} fits in {wall:.0f} s wall-clock, {cpu:.0f} s CPU")
     name = "budgeted" + "".join(f"_{t.replace('-', '_')}" for t in args.tasks if len(args.tasks) < len(TASKS))
-    name += "_quick" if args.quick else ""
+    name = args.name or name + ("_quick" if args.quick else "")
     print(f"wrote {write_json(name, {'runs': runs, 'tables': out, 'args': vars(args), 'wall_s': wall, 'cpu_s': cpu})}")
 
 
