@@ -35,9 +35,9 @@ class StaticPrune(WeightedPlanCallback):
     runs). The static baseline that dynamic pruning (InfoBatch, Qin et al. 2024, Table 1) is compared
     against.
 
-    **What it saves.** Compute: samples forwarded and backpropagated after the scoring epochs, less the
-    scoring pass, one forward over the training set (no backward), once: about a third of a full-data
-    epoch's work, which the bench's work column counts. Nothing in memory.
+    **What it saves.** Compute: after the scoring epochs, `fraction` of the samples forwarded and
+    backpropagated. It spends one forward over the training set (no backward) once, for scoring: about a
+    third of a full-data epoch's work, which the bench's work column counts. Nothing in memory.
 
     **Defaults.** `fraction=0.3` (the pruned share), `score="el2n"`, `score_epoch=1`. Expect a loss of
     accuracy that grows with `fraction` (the paper: none up to ~30-50% on CIFAR-10 with a well-trained scorer).
