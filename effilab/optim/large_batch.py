@@ -40,8 +40,9 @@ class UseOptimizer(EffilabCallback):
 
     def _is_ours(self) -> bool:
         opt = self.learn.opt
+        # getattr: a wrapped PyTorch optimizer (fastai's OptimWrapper, e.g. schedule-free) has no step callbacks
         return opt is not None and any(cb is self.step_marker or getattr(cb, "func", None) is self.step_marker
-                                       for cb in opt.cbs)
+                                       for cb in getattr(opt, "cbs", ()))
 
     def before_fit(self):
         self.learn.opt_func = self.opt_func
