@@ -109,7 +109,6 @@ def save_checkpoint(learn: Learner, name: str, with_opt: bool = True) -> Path:
 def load_checkpoint(learn: Learner, name: str, with_opt: bool = True, device=None) -> int:
     """Load what `save_checkpoint` wrote into `learn` (whose callbacks must be of the same kinds);
     returns the epoch to pass as `fit(..., start_epoch=...)`."""
-    learn.load(name, with_opt=with_opt, device=device)
     path = Path(learn.path) / learn.model_dir / f"{name}.effilab.pth"
     state = torch.load(path, map_location="cpu", weights_only=False)
     cbs = {type(cb).__name__: cb for cb in _effilab_callbacks(learn)}
@@ -117,6 +116,12 @@ def load_checkpoint(learn: Learner, name: str, with_opt: bool = True, device=Non
     if missing:
         raise ValueError(f"checkpoint {name!r} holds state for {missing}, which this Learner lacks: add them "
                          "to its callbacks before loading")
+    # Callbacks that change the model's structure (growth, inserted gates) rebuild it to the saved shape
+    # (and the optimizer for it) before the weights and the optimizer state are loaded.
+    for cb_name, cb_state in state["callbacks"].items():
+        if hasattr(type(cbs[cb_name]), "prepare_load"):
+            cbs[cb_name].prepare_load(cb_state)
+    learn.load(name, with_opt=with_opt, device=device)
     for cb_name, cb_state in state["callbacks"].items():
         cbs[cb_name].load_state_dict(cb_state)
     telemetry_of(learn).__setstate__(state["telemetry"])

@@ -101,6 +101,12 @@ class WeightAveraging(EffilabCallback):
         copy_tensors(current, self.averager.tensors())
         self.swapped = True
 
+    def after_model_change(self):
+        """The model's parameters changed in number or shape (model growth, inserted gates): the average starts
+        again from the model as it is now."""
+        if self.averager is not None and not self.swapped:
+            self.averager = self.make_averager(self.model).to(next(self.model.parameters()).device)
+
     def _swap_out(self):
         copy_tensors(model_tensors(self.model), self._stash)
         self.swapped = False
