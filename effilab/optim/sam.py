@@ -111,6 +111,8 @@ class _SharpnessAware(EffilabCallback):
         self.sam.release()  # the weight copy: not kept between fits nor pickled by `export`
         self._clear()
 
+    after_cancel_fit = after_fit  # an interrupted fit lets the copy go too
+
     def state_dict(self) -> dict:
         return {"sam": self.sam.state_dict(), "extra_forward": self._extra_forward,
                 "extra_samples": self._extra_samples}
