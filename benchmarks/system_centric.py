@@ -6,11 +6,11 @@ and data parallelism on CPU processes (the same result as one process; time per 
 - checkpointing: the arms of `benchmarks/checkpointing.py` (no checkpointing, every block, every 2nd block,
   selective, a budget of half the activations), each in its own process through that script's `--child`:
   peak memory over the base (RSS on CPU, allocated CUDA memory on a GPU) and step time.
-- loaders: one epoch of batches through fastai's `DataLoader` over a per-item dataset with per-item
-  augmentation (random flip and translate of 3x32x32 images, as a Python transform per sample) with
-  `num_workers` 0, 1 and 2, against the same augmentation as batched tensor ops on the whole set in memory
-  (a plain loop: the airbench way). Loader only, no model: samples per second and CPU time (the workers'
-  included), medians over repeats.
+- loaders: one epoch of batches (no model) through fastai's `DataLoader` with per-image augmentation
+  (random flip, translate by up to 2 px) and `num_workers` 0, 1 and 2, against effilab's device-resident
+  `DeviceDataLoaders` with the same augmentation as batched tensor ops: the arms and timer of
+  `benchmarks/device_loader.py` (which also times a short fit), on Fashion-MNIST. Samples per second and
+  CPU time (the workers' included), medians over repeats.
 - ddp: a plain PyTorch loop (MLP on MNIST-1D, SGD with momentum) under `torchrun` with 1 and 2 processes
   and the same global batch: each rank takes `global_bs / world` samples per step from a
   `DistributedSampler` (strided shards, so that the union of the ranks' batches is the one-process batch)
@@ -71,92 +71,36 @@ def checkpointing(args) -> dict:
 # --------------------------------------------------------------------------------------------- loaders
 
 
-def _images(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
-
-
-class AugmentedImages(torch.utils.data.Dataset):
-    """Per-item augmentation in Python, as torchvision-style transforms do: flip, translate by up to 2 px."""
-
-    def __init__(self, x, y, seed=0):
-        self.x, self.y, self.seed = x, y, seed
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
-        img = self.x[i]
-        if torch.rand((), generator=g) < 0.5:
-            img = img.flip(-1)
-        dx, dy = torch.randint(-2, 3, (2,), generator=g).tolist()
-        img = torch.nn.functional.pad(img, (2, 2, 2, 2))[:, 2 + dy:34 + dy, 2 + dx:34 + dx]
-        return img, self.y[i]
-
-
-def _batched_epochs(x, y, bs, device, epochs):
-    """The same augmentation as batched tensor ops over the whole set on `device`: one shuffled epoch."""
-    x, y = x.to(device), y.to(device)
-    g = torch.Generator(device=device).manual_seed(0)
-    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=g, device=device)
-        for s in range(0, len(x) - bs + 1, bs):
-            idx = order[s:s + bs]
-            flip = torch.rand(bs, generator=g, device=device) < 0.5
-            shift = torch.randint(0, 5, (2,), generator=g, device=device)  # one translate per batch
-            imgs = padded[idx].narrow(2, shift[0], 32).narrow(3, shift[1], 32)
-            yield torch.where(flip[:, None, None, None], imgs.flip(-1), imgs), y[idx]
-
-
-def _children_cpu() -> float:
-    import resource
-
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
-
-
 def loaders(args) -> dict:
-    from fastai.data.load import DataLoader
+    """One epoch of batches, no model, through the loaders of `benchmarks/device_loader.py` (its arms and timer)."""
+    from benchmarks.device_loader import PAD, device_dls, fastai_dls, time_epoch
+    from effilab.datasets import DatasetUnavailable, fashion_mnist
 
-    n, bs, repeats = (2_048, 128, 3) if args.quick else (8_192, 128, 5)
-    x, y = _images(n)
-    device = torch.device(args.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def per_item(workers):
-        dl = DataLoader(AugmentedImages(x, y), bs=bs, shuffle=True, drop_last=True, num_workers=workers,
-                        device=device)
-        return lambda: sum(len(b[0]) for b in dl)
-
-    arms = {f"fastai DataLoader, per-item augmentation, num_workers={w}": per_item(w) for w in (0, 1, 2)}
-    arms["batched tensor ops on the whole set in memory (plain loop)"] = (
-        lambda: sum(len(b[0]) for b in _batched_epochs(x, y, bs, device, 1)))
-    results = {}
-    for name, epoch in arms.items():
-        epoch()  # warm-up: worker start, caches
-        sync()
-        walls, cpus, all_cpus = [], [], []
-        for _ in range(repeats):
-            t0, c0, w0 = time.perf_counter(), time.process_time(), _children_cpu()
-            samples = epoch()
-            sync()
-            walls.append(time.perf_counter() - t0)
-            cpus.append(time.process_time() - c0)
-            all_cpus.append(cpus[-1] + _children_cpu() - w0)  # workers end with their epoch: counted here
-        results[name] = {"samples": samples, "wall_s": walls, "cpu_s": cpus, "cpu_with_workers_s": all_cpus}
-    base = median(next(iter(results.values()))["wall_s"])
-    rows = [[name, r["samples"], f"{r['samples'] / median(r['wall_s']):,.0f}", f"{1e3 * median(r['wall_s']):.0f}",
-             f"{1e3 * median(r['cpu_s']):.0f}", f"{1e3 * median(r['cpu_with_workers_s']):.0f}",
-             f"{r['samples'] / median(r['cpu_with_workers_s']):,.0f}", f"{base / median(r['wall_s']):.1f}x"]
-            for name, r in results.items()]
-    # On a shared machine wall-clock follows the load; CPU time (with the workers') is the steadier cost.
-    headers = ["loader", "samples/epoch", "samples/s (median)", "epoch ms (median)",
-               "main-process CPU ms (median)", "CPU ms with workers (median)", "samples per CPU s",
-               "speed vs num_workers=0 (wall)"]
-    title = (f"{n} random 3x32x32 images, batches of {bs}, flip + translate, {repeats} epochs per arm after a "
-             f"warm-up epoch, device {args.device}; loader only (no model)")
+    n, bs, repeats = (2_000, 256, 2) if args.quick else (10_000, 256, 3)
+    try:
+        task = fashion_mnist(subset=n, seed=0)
+    except DatasetUnavailable as e:
+        return {"title": "skipped", "table": f"loaders: Fashion-MNIST is not on this machine ({e})", "results": {}}
+    arms = {f"fastai DataLoader, per-item augmentation, num_workers={w}": fastai_dls(task, bs, w, args.device, 0)
+            for w in (0, 1, 2)}
+    arms["effilab DeviceDataLoaders, batched augmentation on the device"] = device_dls(task, bs, args.device, 0)
+    for dls in arms.values():  # warm-up: worker start-up, allocator, first touch of the data
+        time_epoch(dls, args.device)
+    results = {name: [] for name in arms}
+    for _ in range(repeats):  # arms interleaved: a busy spell of the shared machine hits all of them
+        for name, dls in arms.items():
+            results[name].append(time_epoch(dls, args.device))
+    base_cpu = median([r["cpu"] for r in next(iter(results.values()))])
+    rows = []
+    for name, runs in results.items():
+        wall, cpu, samples = median([r["wall"] for r in runs]), median([r["cpu"] for r in runs]), runs[0]["samples"]
+        rows.append([name, samples, f"{samples / wall:,.0f}", f"{1e3 * wall:.0f}", f"{1e3 * cpu:.0f}",
+                     f"{samples / cpu:,.0f}", f"{cpu / base_cpu:.2f}x"])
+    # On a shared machine wall-clock follows the load; CPU time (the workers' included) is the steadier cost.
+    headers = ["loader", "samples/epoch", "samples/s (median)", "epoch ms (median)", "epoch CPU ms with workers",
+               "samples per CPU s", "CPU vs num_workers=0"]
+    title = (f"{n} Fashion-MNIST images, batches of {bs}, random flip + translate by up to {PAD} px; one epoch of "
+             f"batches, no model; medians of {repeats} after a warm-up epoch, device {args.device}")
     return {"title": title, "table": table(headers, rows), "results": results}
 
 
