@@ -87,6 +87,11 @@ def _worker(folder: Path) -> None:
     fit = fit_one(job["task"], job["recipe"], job["ctx"], device, job["model"], job["width"], job["target_acc"],
                   distributed=True)
     (folder / f"rank{os.environ['RANK']}.pkl").write_bytes(pickle.dumps(fit))
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # a process group left to interpreter exit can abort it (gloo's threads)
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from effilab.__main__ import main
 from effilab.bench.distributed import check_nproc
 from effilab.system.launcher import available_devices
 
-TINY = ["--task", "mnist1d", "--n-samples", "2000", "--epochs", "2", "--seeds", "0", "--recipe", "baseline"]
+TINY = ["--task", "mnist1d", "--n-samples", "2000", "--epochs", "4", "--seeds", "0", "--recipe", "baseline"]
 
 
 @pytest.fixture(autouse=True)
@@ -48,16 +48,22 @@ def test_check_nproc_rejects_non_integers(bad):
 @pytest.mark.skipif(available_devices()[0] < 2 or not dist.is_gloo_available(),
                     reason="needs 2 CPU cores (or GPUs) and torch.distributed with gloo")
 def test_two_processes_train_the_global_batch_of_one(tmp_path):
-    """2 processes with --bs 32 take the steps and samples of 1 process with --bs 64, and learn."""
+    """2 processes with --bs 32 take the steps and samples of 1 process with --bs 64, and learn; a pruning
+    recipe's samples are counted once, not once per rank."""
     runs = {}
-    for nproc, bs in ((1, 64), (2, 32)):
+    for nproc, bs, more in ((1, 64, []), (2, 32, ["--recipe", "infobatch(ratio=0.5)"])):
         out = tmp_path / f"n{nproc}"
-        assert main(["bench", *TINY, "--bs", str(bs), "--nproc", str(nproc), "--out", str(out)]) == 0
+        assert main(["bench", *TINY, *more, "--bs", str(bs), "--nproc", str(nproc), "--out", str(out)]) == 0
         runs[nproc] = json.loads((out / "results.json").read_text())
     one, two = runs[1]["runs"][0], runs[2]["runs"][0]
+    infobatch = runs[2]["runs"][1]
+    # InfoBatch's telemetry counts its whole plan on every rank: counted once, it pruned (each rank's own
+    # counter, summed over the ranks, would agree).
+    assert infobatch["recipe"] == "infobatch(ratio=0.5)"
+    assert 0.5 * two["samples"] < infobatch["samples"] < two["samples"]
     assert runs[2]["config"]["nproc"] == 2 and "nproc" not in runs[1]["config"]
     # 1600 training samples: 25 batches of 64 per epoch, or 25 of 32 on each of the 2 ranks.
-    assert one["steps"] == two["steps"] == 2 * 25
-    assert one["samples"] == two["samples"] == 2 * 1600
+    assert one["steps"] == two["steps"] == 4 * 25
+    assert one["samples"] == two["samples"] == 4 * 1600
     assert two["accuracy"] > 0.2  # learned: twice chance (10 classes)
     assert abs(two["accuracy"] - one["accuracy"]) < 0.1
