@@ -19,6 +19,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,29 @@ from .table import format_table, html_table, summarize
 from .tasks import MODELS, TaskError, load_task
 
 __all__ = ["Campaign", "CampaignInterrupted", "run"]
+
+
+# Components that measure a run and change nothing in it. What they cost (telemetry writers, a drawing
+# budget, a profiler's trace) is in every run of a campaign or in none, so that differences between the
+# runs come from the techniques only. Not `sync_free_recorder`: it replaces fastai's Recorder to save
+# host syncs, a technique whose effect is what a comparison measures.
+MEASURING = ("dashboard", "system_monitor", "fit_recorder", "profiler")
+
+
+def same_measuring(recipes: Sequence[Recipe]) -> list[Recipe]:
+    """Each recipe with every measuring component (`MEASURING`) that a recipe of the campaign has, added
+    with the first such recipe's arguments where it lacks it."""
+    found: dict = {}
+    for recipe in recipes:
+        for spec in recipe.components:
+            if spec.key in MEASURING:
+                found.setdefault(spec.key, spec)
+    out = []
+    for recipe in recipes:
+        have = {spec.key for spec in recipe.components}
+        missing = tuple(spec for key, spec in found.items() if key not in have)
+        out.append(replace(recipe, components=recipe.components + missing) if missing else recipe)
+    return out
 
 
 class CampaignInterrupted(KeyboardInterrupt):
@@ -344,7 +368,7 @@ def run(task="mnist1d", recipes: Iterable[str | Recipe | Mapping] = DEFAULT_RECI
 
     seeds = list(seeds)
     _check_settings(seeds, epochs, bs, lr, target_acc, model, threads, width)
-    recipe_objs = resolve_campaign(get_recipe(r) for r in recipes)
+    recipe_objs = same_measuring(resolve_campaign(get_recipe(r) for r in recipes))
     if not recipe_objs:
         raise ValueError("need at least one recipe")
     options = dict(options or {})

@@ -275,8 +275,8 @@ def check_device(spec) -> torch.device:
 # ------------------------------------------------------------------------------------------ what a run spent
 
 # Work counts forward+backward passes in samples at full size. A forward pass alone (Selective Backprop's
-# selection pass) counts a third: backward costs about twice the forward (2N vs 4N FLOPs per sample and
-# parameter, Kaplan et al. 2020).
+# selection pass, static pruning's scoring pass) counts a third: backward costs about twice the forward
+# (2N vs 4N FLOPs per sample and parameter, Kaplan et al. 2020).
 FORWARD_SHARE = 1 / 3
 
 
@@ -336,14 +336,22 @@ def _extra_passes(telemetry: Mapping) -> int:
                for r in streams.get("epoch", []))
 
 
+def _forward_only(telemetry: Mapping) -> int:
+    """Samples given a forward pass without backward besides the Learner's training forwards, as techniques
+    report them (`forward_only_samples`, in any record of any source, or in a source's meta for a one-off
+    pass): Selective Backprop's selection pass, static pruning's scoring pass, the BatchNorm passes of SWA
+    and schedule-free, LSUV's initialisation forwards."""
+    key = "forward_only_samples"
+    records = sum(int(r.get(key) or 0) for streams in telemetry.get("records", {}).values()
+                  for recs in streams.values() for r in recs)
+    return records + sum(int(m.get(key) or 0) for m in telemetry.get("meta", {}).values())
+
+
 def work_of(learner_samples: int, telemetry: Mapping) -> float:
     """Samples-equivalent forward+backward passes at full size: the Learner's training forwards (each
-    backpropagated), plus a technique's forward-only pass before them (counted `FORWARD_SHARE`), plus
-    the extra forward+backward passes of SAM, all scaled by the share of pixels or tokens forwarded."""
-    forward_only = _forwarded(telemetry) or 0
-    if forward_only <= learner_samples:  # no pass the Learner's counter missed
-        forward_only = 0
-    passes = learner_samples + FORWARD_SHARE * forward_only + _extra_passes(telemetry)
+    backpropagated), plus the techniques' forward-only passes (counted `FORWARD_SHARE`), plus the extra
+    forward+backward passes of SAM, all scaled by the share of pixels or tokens forwarded."""
+    passes = learner_samples + FORWARD_SHARE * _forward_only(telemetry) + _extra_passes(telemetry)
     return passes * _size_fraction(telemetry)
 
 

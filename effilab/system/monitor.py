@@ -206,7 +206,8 @@ class SystemMonitor(EffilabCallback):
     The peak (`peak_flops=` overrides it) is the dense datasheet figure for known GPUs (`DATASHEET_TFLOPS`,
     in the precision the fit computes in: bf16/fp16 under fastai's `MixedPrecision`, TF32 or FP32
     otherwise) and, on a CPU, a measured 512x512 matmul (once per process). Extra passes a technique
-    makes (SAM's second step, recomputation) are work the MFU does not count: they lower it.
+    makes (SAM's second step, recomputation) are work the MFU does not count: they lower it. The counted
+    step is the fit's own, not an extra pass, so the bench's work column has nothing to add for it.
 
     **Memory on CUDA.** `memory_snapshot="mem.pickle"` records the allocator's history (with the Python
     stack of every allocation) for the first `snapshot_steps` training steps and saves it for PyTorch's
