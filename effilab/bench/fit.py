@@ -175,6 +175,16 @@ def _cuda_peak_from_telemetry(telemetry: Mapping) -> float | None:
     return max(peaks) if peaks else None
 
 
+def _sum_over_ranks(n: int) -> int:
+    import torch.distributed as dist
+
+    from ..core.distributed import collective_device
+
+    t = torch.tensor([n], dtype=torch.int64, device=collective_device())
+    dist.all_reduce(t)
+    return int(t.item())  # sync-ok: once, after the fit
+
+
 @contextlib.contextmanager
 def seeded(seed: int):
     """fastai's `set_seed(seed, reproducible=True)` for the duration of one run; the caller's random,
@@ -385,9 +395,11 @@ class Fit:
 
 def fit_one(task, recipe: Recipe, ctx: RunContext, device: torch.device, model: str = "small",
             width: int | None = None, target_acc: float | None = None,
-            on_epoch: Callable[[int], None] | None = None) -> Fit:
+            on_epoch: Callable[[int], None] | None = None, distributed: bool = False) -> Fit:
     """Fit `make_model(task, model, width)` on `task` under `recipe` with `fit_one_cycle(ctx.epochs,
-    ctx.lr)`, seeded with `ctx.seed`, and measure it. A fit that forwarded no training sample raises."""
+    ctx.lr)`, seeded with `ctx.seed`, and measure it. A fit that forwarded no training sample raises.
+    `distributed`: inside `effilab.system.distrib_ctx` (one process of a `torchrun` launch): the samples
+    counted are all ranks' (summed at the end), the times and memory this rank's."""
     from fastai.callback.progress import ProgressCallback
     from fastai.callback.schedule import fit_one_cycle  # noqa: F401  (adds Learner.fit_one_cycle)
     from fastai.learner import Learner
@@ -416,8 +428,12 @@ def fit_one(task, recipe: Recipe, ctx: RunContext, device: torch.device, model: 
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start, cpu_start = time.perf_counter(), time.process_time()
-        with learn.no_logging():
+        if distributed:
+            from ..system.distributed import distrib_ctx
+        with learn.no_logging(), distrib_ctx(learn) if distributed else contextlib.nullcontext():
             learn.fit_one_cycle(ctx.epochs, ctx.lr)
+            if distributed:  # each rank forwarded its shard; the techniques' telemetry counts whole plans
+                counter.forwarded = _sum_over_ranks(counter.forwarded)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
