@@ -229,8 +229,14 @@ def _with_events(self, f, event_type, ex, final=noop):
         return _fastai_with_events(self, f, event_type, ex, final)
     try:
         return _fastai_with_events(self, f, event_type, ex, final)
-    except BaseException:
-        self("after_cancel_fit")
+    except BaseException as error:
+        # Each callback on its own: one whose set-up never ran (fastai's MixUp when an earlier callback refused
+        # in before_fit) may fail to clean up; that must neither hide the error nor skip the others' cleanup.
+        for cb in self.cbs.sorted("order"):
+            try:
+                cb("after_cancel_fit")
+            except Exception as cleanup:
+                error.add_note(f"and {type(cb).__name__}.after_cancel_fit failed: {cleanup}")
         raise
 
 
