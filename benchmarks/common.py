@@ -227,8 +227,7 @@ def recipe_campaign(name: str, recipes: Sequence[str], args, references: Sequenc
     Writes the runner's own folder (`benchmarks/out/<name>/`: results.json after every run, report.html)
     and `benchmarks/out/<name>.json` with the tables. `--quick` replaces the setting with `quick`.
     """
-    from effilab.bench import run, summarize
-    from effilab.bench.runner import format_table
+    from effilab.bench import format_table, run, summarize
 
     setting = dict(task_kwargs={"subset": args.n_samples} if args.n_samples else {}, epochs=args.epochs,
                    seeds=args.seeds, width=args.width)

@@ -8,13 +8,15 @@
     effilab bench --list                            # recipes, components and their arguments, tasks
     effilab bench --quick                           # a few seconds: checks that everything runs
 
-Exit status: 0 all runs finished, 1 some run failed (the others completed), 2 usage or data error,
-130 interrupted (the finished runs are saved; continue with --resume).
+Exit status: 0 all runs finished, 1 some run failed (the others completed), 2 usage or data error
+(nothing trained), 3 results.json or report.html could not be written (the runs finished; the table is
+printed), 130 interrupted (the finished runs are saved; continue with --resume).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import textwrap
 import time
@@ -55,7 +57,8 @@ def _build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=textwrap.fill(DESCRIPTION, 79) + "\n\n" + textwrap.fill(RECIPE_SYNTAX, 79),
         epilog="A recipes file (TOML):\n" + TOML_EXAMPLE + "\n\nExit status: 0 all runs finished, 1 some run "
-               "failed,\n2 usage or data error, 130 interrupted (continue with --resume DIR).")
+               "failed,\n2 usage or data error (nothing trained), 3 results or report not written,\n130 "
+               "interrupted (continue with --resume DIR).")
     b.add_argument("--task", default=None,
                    help=f"data (default mnist1d): {', '.join(TASK_NAMES)}, or folder:PATH (an image folder "
                         "with one subfolder per class)")
@@ -126,11 +129,12 @@ def _list() -> int:
     print("recipes (--recipe NAME):")
     for name, r in RECIPES.items():
         print(f"  {name:<16} {r.description}")
-    print("\ncomponents (--recipe \"NAME(key=value, ...)+NAME...\"):")
+    print("\ncomponents (--recipe \"NAME(key=value, ...)+NAME...\"; each with its method card's first line):")
     for _, comp in sorted(components().items()):
         print(f"  {comp.usage()}")
-        if comp.description:
-            print(f"      {comp.description}")
+        card = comp.card()
+        if card:
+            print(textwrap.fill(card, 100, initial_indent="      ", subsequent_indent="      "))
     print(f"\ntasks (--task): {', '.join(TASK_NAMES)}, folder:PATH")
     print(f"models (--model): {', '.join(MODELS)}")
     return 0
@@ -152,7 +156,14 @@ def _from_stored(config: dict) -> dict:
 
 def bench(parser: argparse.ArgumentParser, args) -> int:
     from .bench import store as S
-    from .bench.recipes import DEFAULT_RECIPES, RecipeError, get_recipe, load_recipes_file, resolve_campaign
+    from .bench.recipes import (
+        DEFAULT_RECIPES,
+        RecipeError,
+        check_campaign_value,
+        get_recipe,
+        load_recipes_file,
+        resolve_campaign,
+    )
     from .bench.tasks import TaskError, parse_task, task_defaults, task_kwargs
 
     for module in args.imports:
@@ -173,7 +184,11 @@ def bench(parser: argparse.ArgumentParser, args) -> int:
             parser.error(str(e))
     settings.update({key: getattr(args, key) for key in _OPTIONS if getattr(args, key) is not None})
 
+    given = set(settings)  # before a resumed campaign's settings fill in the rest
     stored = None
+    if args.resume is not None and Path(args.resume).is_file():
+        parser.error(f"--resume {args.resume} is a file: give the campaign's folder (the one holding "
+                     f"{S.RESULTS})")
     if args.resume is not None:
         if args.out is not None and Path(args.out).resolve() != Path(args.resume).resolve():
             parser.error("--resume DIR continues the campaign in DIR: give --out DIR or neither")
@@ -185,6 +200,12 @@ def bench(parser: argparse.ArgumentParser, args) -> int:
             parser.error(str(e))
         for key, value in _from_stored(stored["config"]).items():
             settings.setdefault(key, value)
+    try:
+        for key, value in settings.items():
+            if value is not None:
+                check_campaign_value(key, value, "campaign settings")
+    except RecipeError as e:
+        parser.error(str(e))
 
     try:
         task_name, _ = parse_task(settings.get("task", "mnist1d"))
@@ -195,13 +216,15 @@ def bench(parser: argparse.ArgumentParser, args) -> int:
         kwargs = task_kwargs(task_name, settings.get("n_samples"), args.quick)
     except TaskError as e:
         parser.error(str(e))
+    if stored is not None and "n_samples" not in given and stored["config"].get("task_kwargs") is not None:
+        kwargs = stored["config"]["task_kwargs"]  # the loader's arguments as stored (e.g. a --quick size)
     get = lambda key: settings[key] if settings.get(key) is not None else defaults.get(key)
     seeds, epochs, bs, lr = get("seeds"), get("epochs"), get("bs"), get("lr")
     model, width, target = settings.get("model") or "small", settings.get("width"), settings.get("target_acc")
     fraction, threads = settings.get("fraction"), settings.get("threads", 1)
-    if any(v is not None and v < 1 for v in (epochs, bs, threads, width)) or lr <= 0:
-        parser.error("--epochs, --bs, --threads, --width must be positive integers and --lr a positive "
-                     "number")
+    if any(v is not None and v < 1 for v in (epochs, bs, threads, width)) or not (math.isfinite(lr) and lr > 0):
+        parser.error(f"--epochs, --bs, --threads, --width must be positive integers and --lr a positive finite "
+                     f"number (got --lr {lr})")
     if not seeds or len(set(seeds)) != len(seeds):
         parser.error(f"--seeds must be distinct integers, got {seeds}")
     if model not in MODELS:
@@ -227,10 +250,10 @@ def bench(parser: argparse.ArgumentParser, args) -> int:
     if stored is None:
         try:
             S.check_out_dir(out, overwrite=args.overwrite)
-        except S.OutputExists as e:
+        except (S.OutputExists, S.OutputUnwritable) as e:
             parser.error(str(e))
 
-    from .bench.runner import CampaignInterrupted, run  # imports torch and fastai: after the checks
+    from .bench.campaign import CampaignInterrupted, run  # imports torch and fastai: after the checks
     from .datasets import DatasetUnavailable
 
     options = {} if fraction is None else {"fraction": fraction}
@@ -240,16 +263,21 @@ def bench(parser: argparse.ArgumentParser, args) -> int:
                        threads=threads, progress="auto", out=out, resume=stored is not None,
                        overwrite=args.overwrite)
         interrupted = False
-    except TaskError as e:
+    except (TaskError, RecipeError) as e:
         parser.error(str(e))
-    except (DatasetUnavailable, S.ConfigMismatch) as e:
+    except (DatasetUnavailable, S.ConfigMismatch, S.OutputUnwritable) as e:
         print(f"effilab bench: error: {e}", file=sys.stderr)
         return 2
+    except ValueError as e:  # every run raises inside the campaign: this is a setting checked before them
+        parser.error(str(e))
     except CampaignInterrupted as e:
         campaign, interrupted = e.campaign, True
 
     print()
-    print(campaign.table)
+    try:
+        print(campaign.table)
+    except Exception as e:  # the runs are stored; a table that cannot be drawn must not hide that
+        print(f"(the summary table could not be drawn: {type(e).__name__}: {e})")
     n_plan = len(campaign.config["seeds"]) * len(campaign.config["recipes"])
     cpu = sum(r.cpu_s for r in campaign)
     print(f"\n{len(campaign)} of {n_plan} runs finished in {campaign.total_s:.0f} s "
@@ -260,10 +288,17 @@ def bench(parser: argparse.ArgumentParser, args) -> int:
             print(f"  {f.recipe} seed={f.seed}: {f.message}")
     print(f"results: {campaign.results_path}")
     print(f"report:  {campaign.report_path}")
+    if campaign.write_errors:
+        print("\neffilab bench: error: " + "; ".join(campaign.write_errors) + f". The {len(campaign)} finished "
+              "runs are in the table above" + (f" and in {campaign.results_path}" if not any(
+                  S.RESULTS in e for e in campaign.write_errors) else "") + "; free space or choose a writable "
+              "folder, then write the report again with Campaign.load(DIR).save_report()", file=sys.stderr)
     if interrupted:
         print(f"\ninterrupted: the {len(campaign)} finished runs are saved; continue with: "
               f"effilab bench --resume {out}", file=sys.stderr)
         return 130
+    if campaign.write_errors:
+        return 3
     return 1 if campaign.failures else 0
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-README = (Path(__file__).parents[1] / "README.md").read_text()
+ROOT = Path(__file__).parents[1]
+README = (ROOT / "README.md").read_text()
 SNIPPETS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
 
 
@@ -25,3 +26,16 @@ def test_quickstart_runs(i, capsys):
         assert scope["samples"]["forwarded_total"] < scope["samples"]["full_total"]
     else:
         assert scope["pruner"].plan.epoch == scope["epochs"] - 1
+
+
+def test_readme_says_how_to_open_the_tutorials_and_install():
+    assert "source scripts/env.sh && jupyter lab tutorials/" in README
+    assert "jupyter lab --allow-root tutorials/" in README
+    assert "pip install -e ." in README
+
+
+def test_every_notebook_the_readme_links_exists_and_every_tutorial_is_listed():
+    linked = set(re.findall(r"\]\(((?:tutorials|notebooks)/[\w.]+\.ipynb)\)", README))
+    assert linked and all((ROOT / p).is_file() for p in linked), linked
+    tutorials = {p.relative_to(ROOT).as_posix() for p in (ROOT / "tutorials").glob("*.ipynb")}
+    assert tutorials <= linked, f"list these tutorials in the README: {sorted(tutorials - linked)}"

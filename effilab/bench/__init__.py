@@ -1,5 +1,10 @@
 """Side-by-side benchmarks: recipes, the runner, its summary table and report (`python -m effilab bench`).
 
+Data flows one way, one job per module, none importing a later stage: `tasks`, `recipes` and
+`regularisation` (what to train: data, recipe text, components) -> `fit` (one recipe with one seed, and
+what it spent) -> `store` (the stored records, `results.json`) -> `table` and `report` (the summary,
+its table, the HTML report) -> `campaign` (`run`: all of it, end to end).
+
 What does a technique save on my task, and what does it cost in accuracy?
 
 >>> from effilab import bench
@@ -32,14 +37,14 @@ from .recipes import (
     register,
     register_component,
 )
-from .store import ConfigMismatch, OutputExists
+from .store import ConfigMismatch, OutputExists, OutputUnwritable, RunFailure, RunResult
+from .table import format_table, html_table, summarize
 from .tasks import TaskError
 
-# The runner imports fastai (seconds): loaded on first use, so the command line answers `--help` and
-# usage errors without it.
-_RUNNER = ("Campaign", "CampaignInterrupted", "RunFailure", "RunResult", "SampleCounter", "StopAtAccuracy",
-           "format_table", "run", "summarize")
-_LAZY = {name: "effilab.bench.runner" for name in _RUNNER}
+# The run stage imports torch and fastai (seconds), the report plotly: loaded on first use, so the command
+# line answers `--help` and usage errors without them.
+_LAZY = {name: "effilab.bench.campaign" for name in ("Campaign", "CampaignInterrupted", "run")}
+_LAZY.update({name: "effilab.bench.fit" for name in ("Fit", "SampleCounter", "Spend", "StopAtAccuracy")})
 _LAZY.update({name: "effilab.bench.report" for name in ("figures", "report_html", "write_report")})
 
 __all__ = [
@@ -52,19 +57,23 @@ __all__ = [
     "Component",
     "ComponentSpec",
     "ConfigMismatch",
+    "Fit",
     "OutputExists",
+    "OutputUnwritable",
     "Recipe",
     "RecipeError",
     "RunContext",
     "RunFailure",
     "RunResult",
     "SampleCounter",
+    "Spend",
     "StopAtAccuracy",
     "TaskError",
     "components",
     "figures",
     "format_table",
     "get_recipe",
+    "html_table",
     "load_recipes_file",
     "parse_components",
     "parse_recipe",

@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from fastai.callback.core import Callback
 
     from ..datasets import TaskData
-    from .runner import RunResult
 
 __all__ = [
     "CAMPAIGN_KEYS",
@@ -50,6 +49,9 @@ __all__ = [
     "random_prune_fraction",
     "register",
     "register_component",
+    "check_campaign_value",
+    "check_fits_task",
+    "input_kind",
     "resolve_campaign",
     "run_order",
 ]
@@ -66,8 +68,9 @@ class RecipeError(ValueError):
 class RunContext:
     """What a callback factory may read about the run it builds callbacks for.
 
-    `peers` holds the runs of the same seed that already finished, by recipe name; `notes` is where a
-    factory writes what it chose (kept in `RunResult.params`).
+    `peers` holds the stored records of the runs of the same seed that already finished, by recipe name
+    (their `samples`, `epochs`, `history` and `params`); `notes` is where a factory writes what it chose
+    (kept in the run's `params`).
     """
 
     task: TaskData
@@ -77,7 +80,7 @@ class RunContext:
     lr: float
     n_train: int
     drop_last: bool = True
-    peers: Mapping[str, RunResult] = field(default_factory=dict)
+    peers: Mapping[str, Any] = field(default_factory=dict)
     options: Mapping[str, Any] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
 
@@ -115,6 +118,7 @@ class Component:
     needs the run (random pruning reads the run it matches); `extra` names the arguments only it takes;
     `resolve(kwargs, recipe, campaign) -> (kwargs, after)` fills in arguments that depend on the other
     recipes of the campaign and names the recipes whose run of the same seed must come first.
+    `inputs` names the kinds of task input it works on ("flat", "image", "sequence"; empty: any).
     """
 
     name: str
@@ -124,6 +128,7 @@ class Component:
     build: Callable | None = None
     extra: tuple[str, ...] = ()
     resolve: Callable | None = None
+    inputs: tuple[str, ...] = ()
 
     def signature(self) -> inspect.Signature | None:
         if self.target is None:
@@ -131,11 +136,24 @@ class Component:
         return inspect.signature(_load(self.target))
 
     def accepted(self) -> tuple[str, ...]:
+        """The arguments a recipe may give (a leading underscore marks an internal one: not accepted)."""
         sig = self.signature()
         names = [] if sig is None else [
             p.name for p in sig.parameters.values()
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"]
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"
+            and not p.name.startswith("_")]
         return tuple(names) + tuple(n for n in self.extra if n not in names)
+
+    def card(self) -> str:
+        """The first line of the method card (the class's or factory's docstring), else the description."""
+        doc = None
+        if self.target is not None:
+            try:
+                doc = inspect.getdoc(_load(self.target))
+            except Exception:  # a module that fails to import: the description still says what it is
+                doc = None
+        first = doc.strip().split("\n\n")[0].replace("\n", " ") if doc else ""
+        return first or self.description
 
     def required(self) -> tuple[str, ...]:
         sig = self.signature()
@@ -144,15 +162,16 @@ class Component:
             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty)
 
     def usage(self) -> str:
+        """`name(arg=default, ...)`, without the internal arguments: `seed` (the run's seed fills it),
+        those with a leading underscore, and hooks whose default is no literal (a clock)."""
         sig = self.signature()
         args = []
         if sig is not None:
             for p in sig.parameters.values():
-                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
-                    if p.default is p.empty:
-                        args.append(p.name)
-                    else:  # a default that is no literal (a clock, a function) cannot be written in a recipe
-                        args.append(f"{p.name}={p.default!r}" if _json_safe(p.default) else f"{p.name}=...")
+                # A default that is no literal (a clock, a function) is a hook for Python, not for recipes.
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "seed" \
+                        and not p.name.startswith("_") and (p.default is p.empty or _json_safe(p.default)):
+                    args.append(p.name if p.default is p.empty else f"{p.name}={p.default!r}")
         args += [f"{n}=None" for n in self.extra if n not in (sig.parameters if sig else {})]
         return f"{self.name}({', '.join(args)})" if args else self.name
 
@@ -192,12 +211,13 @@ TECHNIQUE_CLASSES = {
 
 def register_component(name: str, target=None, description: str = "", category: str = "", *,
                        build: Callable | None = None, extra: Sequence[str] = (),
-                       resolve: Callable | None = None, overwrite: bool = False) -> Component:
+                       resolve: Callable | None = None, inputs: Sequence[str] = (),
+                       overwrite: bool = False) -> Component:
     """Make `name` usable in recipes: `target` is a callback class or a factory (see `Component`)."""
     key = _key(name)
     if key in COMPONENTS and not overwrite:
         raise ValueError(f"a component named {key!r} is already registered (pass overwrite=True)")
-    comp = Component(key, target, description, category, build, tuple(extra), resolve)
+    comp = Component(key, target, description, category, build, tuple(extra), resolve, tuple(inputs))
     COMPONENTS[key] = comp
     return comp
 
@@ -223,9 +243,36 @@ def components() -> dict[str, Component]:
     for name, tech in all_techniques().items():
         key = _key(name)
         if key not in COMPONENTS:
-            COMPONENTS[key] = Component(key, _technique_target(tech),
-                                        f"registered technique ({tech.category})", tech.category)
+            COMPONENTS[key] = Component(key, _technique_target(tech), f"registered technique ({tech.category})",
+                                        tech.category, inputs=_TECHNIQUE_INPUTS.get(tech.task, ()))
     return dict(COMPONENTS)
+
+
+# The registry's task kinds (what the generic suite trains a technique on) that restrict its inputs:
+# "tabular" techniques work on any input.
+_TECHNIQUE_INPUTS = {"image": ("image",), "sequence": ("sequence",)}
+_INPUT_NAMES = {"flat": "flat feature vectors", "image": "images", "sequence": "token sequences"}
+
+
+def input_kind(task) -> str:
+    """What a task's inputs are: "sequence" (a language model's tokens), "image" (C, H, W) or "flat"."""
+    if getattr(task, "kind", "classification") == "language_model":
+        return "sequence"
+    return "image" if len(tuple(task.input_shape)) == 3 else "flat"
+
+
+def check_fits_task(recipes: Iterable[Recipe], task) -> None:
+    """A `RecipeError` naming the first component that does not work on `task`'s inputs (a technique
+    for images on token sequences, one for token sequences on images), before any training."""
+    kind = input_kind(task)
+    for recipe in recipes:
+        for spec in recipe.components:
+            comp = _find_component(spec.name, recipe.name)
+            if comp.inputs and kind not in comp.inputs:
+                fits = " or ".join(_INPUT_NAMES[k] for k in comp.inputs)
+                raise RecipeError(f"component {spec.name!r} in recipe {recipe.name!r} works on {fits}; task "
+                                  f"{task.name!r} has {_INPUT_NAMES[kind]}: choose a task with {fits} "
+                                  "(--task) or leave the component out")
 
 
 def _find_component(name: str, context: str = "") -> Component:
@@ -491,7 +538,30 @@ def load_recipes_file(path) -> tuple[list[Recipe], dict[str, Any]]:
     if unknown:
         raise RecipeError(f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: [[recipe]], recipes, "
                           f"{', '.join(CAMPAIGN_KEYS)}")
+    for key, value in data.items():
+        check_campaign_value(key, value, str(path))
     return recipes, data
+
+
+# What each campaign key must be: "int", "number" (int or float), "str", "ints" (a list of ints).
+_KEY_TYPES = {"task": "str", "n_samples": "int", "epochs": "int", "seeds": "ints", "bs": "int", "lr": "number",
+              "model": "str", "width": "int", "target_acc": "number", "fraction": "number", "device": "str",
+              "threads": "int"}
+_TYPE_WORDS = {"int": "an integer", "number": "a number", "str": "a string", "ints": "a list of integers"}
+
+
+def check_campaign_value(key: str, value, where: str) -> None:
+    """A `RecipeError` unless `value` has the type campaign key `key` needs (no bool for a number, no
+    float for an integer, no string for either: nothing is coerced)."""
+    kind = _KEY_TYPES[key]
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    ok = {"int": is_int, "number": lambda v: is_int(v) or isinstance(v, float), "str": lambda v: isinstance(v, str),
+          "ints": lambda v: isinstance(v, list) and all(map(is_int, v))}[kind](value)
+    if not ok:
+        example = {"int": f"{key} = 8", "number": f"{key} = 0.01", "str": f'{key} = "..."',
+                   "ints": f"{key} = [0, 1, 2]"}[kind]
+        raise RecipeError(f"{where}: {key} must be {_TYPE_WORDS[kind]}, got {value!r} ({type(value).__name__}); "
+                          f"e.g. {example}")
 
 
 # ---- ordering and references
@@ -599,7 +669,7 @@ def _random_prune_resolve(kwargs: dict, recipe: Recipe, campaign: Sequence[Recip
     return {**kwargs, "match": ref}, (ref,)
 
 
-def _reference_delta(ref: RunResult) -> float | None:
+def _reference_delta(ref) -> float | None:
     for key, notes in (ref.params or {}).items():
         if key.split("#")[0] == "infobatch" and isinstance(notes, Mapping) and "delta" in notes:
             return notes["delta"]
@@ -642,9 +712,11 @@ register_component("random_prune", "effilab.data.infobatch:RandomPrune",
                    "data", build=_random_prune_build, extra=("match",), resolve=_random_prune_resolve)
 
 register_component("mixup", "effilab.bench.regularisation:mixup",
-                   "fastai's MixUp (Zhang et al. 2018): convex combinations of sample pairs", "data")
+                   "fastai's MixUp (Zhang et al. 2018): convex combinations of sample pairs", "data",
+                   inputs=("flat", "image"))
 register_component("cutmix", "effilab.bench.regularisation:cutmix",
-                   "fastai's CutMix (Yun et al. 2019): a box of one image pasted into another", "data")
+                   "fastai's CutMix (Yun et al. 2019): a box of one image pasted into another", "data",
+                   inputs=("image",))
 register_component("label_smoothing", "effilab.bench.regularisation:label_smoothing",
                    "fastai's LabelSmoothingCrossEntropyFlat(eps) as the training loss", "data")
 

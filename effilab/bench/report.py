@@ -1,5 +1,6 @@
-"""The campaign report: plotly figures and a self-contained `report.html`, drawn from the results
-(`results.json`'s content) only, so that the report always says what the JSON says.
+"""The campaign report (stage 4 of the bench, beside the table): plotly figures and a self-contained
+`report.html`, drawn from the results (`results.json`'s content) only,
+so that the report always says what the JSON says.
 
 Figures: accuracy against wall-clock and against training samples forwarded (one point per run, the
 mean per recipe with its std as error bars), and what each recipe saved against the baseline (samples,
@@ -17,9 +18,10 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.subplots import make_subplots
 
-from .runner import RunFailure, RunResult, table_rows
+from .store import RunFailure, RunResult
+from .table import html_table
 
-__all__ = ["figures", "html_table", "report_html", "write_report"]
+__all__ = ["figures", "report_html", "write_report"]
 
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f",
            "#bcbd22")
@@ -124,19 +126,6 @@ def savings_figure(data: Mapping) -> go.Figure:
 def figures(data: Mapping) -> dict[str, go.Figure]:
     """The report's figures by name: "accuracy" (against wall-clock and samples) and "savings"."""
     return {"accuracy": accuracy_figure(data), "savings": savings_figure(data)}
-
-
-def html_table(data: Mapping) -> str:
-    """The summary table as HTML (the same cells as the terminal's table)."""
-    header, rows = table_rows(list(data.get("summary", [])))
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr data-recipe='" + html.escape(row[0], quote=True) + "'>"
-                   + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return ("<table class='effilab-bench-table' style='border-collapse:collapse;font-size:0.9em'>"
-            f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-            "<style>.effilab-bench-table th,.effilab-bench-table td{border:1px solid #ddd;padding:4px 8px;"
-            "text-align:right}.effilab-bench-table td:first-child,.effilab-bench-table th:first-child"
-            "{text-align:left}</style>")
 
 
 def _failures_html(data: Mapping) -> str:

@@ -14,6 +14,9 @@ _LAZY = {
     "FitRecorder": "effilab.system.fit_recorder",
     "ActivationCheckpointing": "effilab.system.checkpointing",
     "Profiler": "effilab.system.profiler",
+    "SyncFreeRecorder": "effilab.system.recorder",
+    "launch": "effilab.system.launcher",
+    "DeviceSmoothLoss": "effilab.system.recorder",
 }
 
 __all__ = sorted(_LAZY)

@@ -32,6 +32,11 @@ CPU otherwise) and `distrib_ctx` installs it through its own trainer callback: f
   BatchNorm layers only when the model is not on the CPU; on CPU each rank normalises with its own
   batch statistics, as plain DDP does.
 
+**FSDP2** (`distrib_ctx(learn, fsdp=True)`): `torch.distributed.fsdp.fully_shard` on a one-dimensional
+device mesh instead of DDP. It runs on CPUs with gloo (torch 2.14: sharded DTensor parameters, fastai's
+optimizers stepping on them, the full state dict gathered at the end), so the two-rank tests exercise it;
+on a CPU it only shows the semantics (same results as DDP), not the memory it saves on GPUs.
+
 **Interactions.** Epoch-pruning callbacks (`InfoBatch`, `RandomPrune`) run before the trainer: each
 epoch's plan is made on the real loader and this trainer shards it. Their plans must be the same on
 every rank: at the start of each fit they take rank 0's `seed` (one built with `seed=None` draws it from
@@ -40,6 +45,8 @@ torch's initial seed, which differs between processes).
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterable
 from contextlib import contextmanager
 
 import torch
@@ -54,7 +61,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..core.distributed import collective_device
 
-__all__ = ["CPUSafeDistributedDL", "CPUSafeDistributedTrainer", "collective_device", "distrib_ctx"]
+__all__ = ["FSDP_REFUSED", "CPUSafeDistributedDL", "CPUSafeDistributedTrainer", "FSDPTrainer", "collective_device",
+           "distrib_ctx"]
 
 
 class CPUSafeDistributedDL(DistributedDL):
@@ -93,33 +101,139 @@ class CPUSafeDistributedTrainer(DistributedTrainer):
     def _wrap_dl(self, dl):
         if isinstance(dl, DistributedDL):
             return dl
-        return CPUSafeDistributedDL(dl, device=self.learn.model.device)
+        return CPUSafeDistributedDL(dl, device=_model_device(self.learn.model))
+
+
+# Callbacks (by class name: the optim package is not imported here) whose state is per parameter and
+# assumes whole tensors, which FSDP2 shards across the ranks.
+FSDP_REFUSED = {
+    "SAM": "it perturbs each parameter along its gradient normalised over the whole model, from whole tensors",
+    "LookSAM": "it keeps each parameter's sharpness direction and normalises over the whole model",
+    "EMA": "its averaged copy (torch.optim.swa_utils.AveragedModel) copies the model's parameters whole",
+    "SWA": "its averaged copy (torch.optim.swa_utils.AveragedModel) copies the model's parameters whole",
+    "LAWA": "it keeps whole copies of the last checkpoints' parameters",
+    "LambOptimizer": "fastai's Lamb takes each layer's norm, which on a shard is only that shard's",
+    "LarsOptimizer": "fastai's Larc takes each layer's norm, which on a shard is only that shard's",
+}
+
+
+class FSDPTrainer(CPUSafeDistributedTrainer):
+    """Fully sharded data parallel (FSDP2, `torch.distributed.fsdp.fully_shard`) instead of DDP: each rank
+    keeps a shard of every parameter, gradient and optimiser state, and gathers whole parameters only
+    around a unit's forward and backward. `blocks`: module classes to shard as units of their own
+    (bottom-up, e.g. a transformer block); the root module is always one."""
+
+    def __init__(self, blocks: tuple[type, ...] = (), **accelerator_kwargs):
+        super().__init__(False, **accelerator_kwargs)  # no SyncBatchNorm: FSDP2 shards the module as it is
+        self.blocks = blocks
+
+    def before_fit(self):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        learn, model = self.learn, self.learn.model
+        opt = learn.opt
+        # fastai's own flags ("do_wd", "force_train") are set anew by `create_opt`; statistics would be lost.
+        if opt is not None and any(set(st) - {"do_wd", "force_train"} for st in opt.state.values()):
+            raise ValueError("FSDP2 replaces the model's parameters by sharded ones, and this Learner's optimizer "
+                             "already holds state for the old ones: start the fit with a fresh optimizer "
+                             "(`learn.fit(..., reset_opt=True)` or `learn.opt = None` before the context)")
+        # The architecture without storage, to hand back a plain model (with the trained weights) at the end.
+        self.plain = copy.deepcopy(model).to("meta")
+        mesh = init_device_mesh(_model_device(model).type, (num_distrib(),))
+        for module in reversed(list(model.modules())):
+            if module is not model and isinstance(module, self.blocks):
+                fully_shard(module, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        # fastai built the optimizer on the parameters fully_shard has just replaced: build it again on the
+        # sharded ones, with the hyper-parameters `fit` set.
+        if opt is not None:
+            hypers = [dict(h) for h in opt.hypers]
+            learn.create_opt()
+            for new, old in zip(learn.opt.hypers, hypers):
+                new.update(old)
+        self.old_dls = list(self.dls)
+        self.learn.dls.loaders = [self._wrap_dl(dl) for dl in self.dls]
+        if rank_distrib():
+            self.learn.logger = noop
+
+    def after_fit(self):
+        self.learn.dls.loaders = self.old_dls
+        _unshard(self.learn, self)
+
+
+def _unshard(learn: Learner, trainer: FSDPTrainer) -> None:
+    """Give the Learner a plain model with the whole trained weights (a collective: every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FSDPModule
+
+    plain = getattr(trainer, "plain", None)
+    if plain is None or not isinstance(learn.model, FSDPModule):
+        return
+    state = get_model_state_dict(learn.model, options=StateDictOptions(full_state_dict=True))
+    plain.load_state_dict(state, assign=True)
+    learn.model, trainer.plain = plain, None
+    learn.opt = None  # built on the shards: the next fit builds one on the plain parameters
 
 
 def _unwrap(learn: Learner, trainer: CPUSafeDistributedTrainer) -> None:
     # After an exception inside `fit` fastai runs no `after_fit`: put the plain model and loaders back.
     if isinstance(learn.model, DistributedDataParallel):
         learn.model = learn.model.module
+    if isinstance(trainer, FSDPTrainer):
+        _unshard(learn, trainer)
     old = getattr(trainer, "old_dls", None)
     if old is not None and any(isinstance(dl, DistributedDL) for dl in learn.dls.loaders):
         learn.dls.loaders = old
 
 
+def _fsdp_blocks(fsdp) -> tuple[type, ...] | None:
+    if fsdp is False or fsdp is None:
+        return None
+    if fsdp is True:
+        return ()
+    blocks = tuple(fsdp) if isinstance(fsdp, Iterable) else (fsdp,)
+    if not blocks or not all(isinstance(b, type) and issubclass(b, nn.Module) for b in blocks):
+        raise TypeError(f"fsdp must be True, False or nn.Module classes to shard as units (e.g. your transformer "
+                        f"block), got {fsdp!r}")
+    return blocks
+
+
 @contextmanager
-def distrib_ctx(learn: Learner, sync_bn: bool = True, **accelerator_kwargs):
+def distrib_ctx(learn: Learner, sync_bn: bool = True, fsdp=False, **accelerator_kwargs):
     """Train `learn` with distributed data parallel inside the context (one process per device,
-    started by `torchrun`); does nothing in a single process.
+    started by `torchrun` or `effilab.system.launch`); does nothing in a single process.
 
     `sync_bn` converts BatchNorm to `SyncBatchNorm` (accelerators only); `accelerator_kwargs` go to
     accelerate's `Accelerator` (`cpu=True` is implied without CUDA). Like fastai's `distrib_ctx`,
     ranks other than 0 show no progress bar and log nothing; both come back when the context ends.
+
+    `fsdp=True` shards the model with FSDP2 (`torch.distributed.fsdp.fully_shard`, gloo on CPUs
+    included) instead of replicating it: parameters, gradients and optimiser state take 1/N of the memory
+    per rank, at the cost of gathering each unit's parameters around its forward and backward. The root
+    module is one unit; `fsdp=(Block, ...)` also makes every submodule of those classes one (bottom-up), so
+    that only one block's whole parameters are held at a time. Within the context `learn.model` is the
+    sharded module (its state dict holds DTensors); at its end `learn.model` is a plain module with the
+    trained weights again, and the optimiser (built on the shards) is dropped: the next fit builds a new one.
+    Techniques that keep whole per-parameter state (`FSDP_REFUSED`: SAM, LookSAM, EMA, SWA, LAWA, fastai's
+    Lamb and Larc) are refused before anything starts. BatchNorm statistics stay per rank.
     """
+    blocks = _fsdp_blocks(fsdp)
+    if blocks is not None:
+        refused = [f"{type(cb).__name__}: {FSDP_REFUSED[type(cb).__name__]}" for cb in learn.cbs
+                   if type(cb).__name__ in FSDP_REFUSED]
+        if refused:
+            raise ValueError("distrib_ctx(fsdp=...) cannot shard a model that these callbacks hold whole state "
+                             "for:\n  " + "\n  ".join(refused) + "\nUse DDP (fsdp=False) with them, or remove them.")
     if num_distrib() <= 1:
         yield learn
         return
     if "cpu" not in accelerator_kwargs and not torch.cuda.is_available():
         accelerator_kwargs["cpu"] = True
-    trainer = CPUSafeDistributedTrainer(sync_bn, **accelerator_kwargs)
+    if blocks is not None:
+        trainer = FSDPTrainer(blocks, **accelerator_kwargs)
+    else:
+        trainer = CPUSafeDistributedTrainer(sync_bn, **accelerator_kwargs)
     progress = [cb for cb in learn.cbs if isinstance(cb, ProgressCallback)] if rank_distrib() else []
     logger = learn.logger
     learn.add_cb(trainer)

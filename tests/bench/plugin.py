@@ -12,12 +12,16 @@ from effilab.callback import EffilabCallback
 
 
 class Explode(Callback):
-    """Raises `RuntimeError(message)` at the end of epoch `at_epoch` (for seeds in `seeds`, all if None)."""
+    """Raises `RuntimeError(message)` at the end of epoch `at_epoch` (for seeds in `seeds`, all if None),
+    unless the environment variable `unless_env` is set (a run that works when retried)."""
 
-    def __init__(self, at_epoch: int = 0, message: str = "boom", seeds=None, seed: int = 0):
+    def __init__(self, at_epoch: int = 0, message: str = "boom", seeds=None, unless_env=None, seed: int = 0):
         self.at_epoch, self.message, self.seeds, self.run_seed = at_epoch, message, seeds, seed
+        self.unless_env = unless_env
 
     def after_epoch(self):
+        if self.unless_env and os.environ.get(self.unless_env):
+            return
         if self.epoch >= self.at_epoch and (self.seeds is None or self.run_seed in self.seeds):
             raise RuntimeError(self.message)
 

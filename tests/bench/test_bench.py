@@ -20,8 +20,7 @@ import torch
 from effilab import bench
 from effilab.__main__ import main
 from effilab.bench import recipes as R
-from effilab.bench.report import html_table
-from effilab.bench.runner import table_rows
+from effilab.bench.table import html_table, table_rows
 from effilab.registry import all_techniques
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -164,7 +163,7 @@ def test_cli_quick_counts_are_consistent(quick_run):
     (["--recipe", "infobatch(ratio=0.3"], "unclosed parenthesis"),
     (["--recipe", "baseline", "--recipe", "baseline"], "each recipe may appear once; repeated: baseline"),
     (["--task", "nosuch"],
-     "unknown task 'nosuch'; valid tasks: mnist1d, digits, fashion-mnist, mnist, cifar10, folder:PATH"),
+     "unknown task 'nosuch'; valid tasks: mnist1d, digits, fashion-mnist, mnist, cifar10, pysource, folder:PATH"),
     (["--task", "digits", "--n-samples", "100"], "--n-samples does not apply to task 'digits'"),
     (["--target-acc", "85"], "--target-acc is a validation accuracy in (0, 1]"),
     (["--epochs", "0"], "must be positive integers"),
@@ -212,7 +211,7 @@ def test_cli_help_and_list(capsys):
     assert rc == 0
     for name in [*R.RECIPES, *all_techniques()]:
         assert name in out
-    assert "infobatch(ratio=0.5, delta=0.875, momentum=None, seed=None)" in out
+    assert "infobatch(ratio=0.5, delta=0.875, momentum=None)" in out
 
 
 # ------------------------------------------------------------------------------------------ output folder
@@ -457,3 +456,92 @@ def test_summarize_and_table_without_baseline_and_with_failures():
     assert rows[0]["wall_frac"] == pytest.approx(3.0) and rows[0]["samples_frac"] == pytest.approx(0.7)
     assert rows[0]["accuracy_delta"] == pytest.approx(-0.3)
     assert "-30.00" in bench.format_table(rows)
+
+
+# ------------------------------------------------------------------------------------------ components on their task
+
+
+def test_list_describes_components_by_their_method_card_and_hides_internal_arguments(capsys):
+    from effilab.data.infobatch import InfoBatch
+
+    rc, out, _ = _main(capsys, "--list")
+    assert rc == 0
+    lines = out.splitlines()
+    i = lines.index("  seq_len_warmup(start=8, warmup_frac=0.3, multiple=8)")
+    assert lines[i + 1].strip().startswith("Sequence-length warmup:")
+    card = InfoBatch.__doc__.strip().split("\n\n")[0].replace("\n", " ")
+    assert " ".join(lines[lines.index("  infobatch(ratio=0.5, delta=0.875, momentum=None)") + 1].split()) \
+        in " ".join(card.split())
+    assert "seed=" not in out and "clock=" not in out and "pysource" in out
+
+
+def test_seq_len_warmup_runs_on_pysource_and_its_work_counts_tokens(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, stdout, err = _main(capsys, "--task", "pysource", "--quick", "--epochs", "1", "--recipe", "baseline",
+                            "--recipe", "seq_len_warmup", "--out", str(out))
+    assert rc == 0, err
+    runs = {r["recipe"]: r for r in _results(out)["runs"]}
+    base, slw = runs["baseline"], runs["seq_len_warmup"]
+    assert base["work"] == base["samples"] == slw["samples"] > 0  # every window, fewer tokens
+    tokens = slw["telemetry"]["records"]["seq_len_warmup"]["epoch"][-1]
+    assert tokens["tokens_forwarded_total"] < tokens["tokens_full_total"]
+    assert slw["work"] == pytest.approx(slw["samples"] * tokens["tokens_forwarded_total"]
+                                        / tokens["tokens_full_total"])
+    header, rows = _table(stdout)
+    col = header.index("work, fwd+bwd sample passes (% of baseline)")
+    assert rows["seq_len_warmup"][col] == f"{round(slw['work']):,} ({slw['work'] / base['work']:.1%})"
+
+
+def test_work_counts_extra_and_forward_only_passes():
+    c = bench.run("mnist1d", ["baseline", "sam", "selective_backprop(beta=1)"], seeds=[0], epochs=2, bs=64,
+                  task_kwargs={"n_samples": 600}, progress=None, threads=1)
+    base, sam, sb = c
+    assert base.work == base.samples
+    extra = sum(r["extra_samples"] for r in sam.telemetry["records"]["sam"]["epoch"])
+    assert extra == sam.samples and sam.work == 2 * sam.samples  # SAM: a second forward+backward each step
+    # Selective Backprop: the kept samples forwarded and backpropagated, all forwarded once more alone.
+    assert sb.work == pytest.approx(sb.backpropagated + sb.samples / 3)
+    assert "work, fwd+bwd sample passes (% of baseline)" in c.table
+
+
+# ------------------------------------------------------------------------------------------ what a run shows
+
+
+def test_notebook_progress_is_fastprogress_and_cleared_at_the_end(monkeypatch, capsys):
+    import IPython.display
+    from fastprogress.fastprogress import NBProgressBar
+
+    from effilab.bench.campaign import _Progress
+
+    shown = []
+
+    class Handle:
+        def update(self, obj):
+            shown.append(obj)
+
+    monkeypatch.setattr(IPython.display, "display", lambda obj, **k: shown.append(obj) or Handle())
+    bar = _Progress("notebook", total=2, done=0, epochs=3)
+    bar.begin()
+    assert isinstance(bar.pb, NBProgressBar)
+    bar.start_run("baseline", 0)
+    bar.on_epoch(2)
+    assert "baseline seed=0 epoch 2/3" in str(shown[-1])
+    bar.finish_run("[1/2] baseline seed=0: ...")
+    bar.close()
+    assert isinstance(shown[-1], IPython.display.HTML) and shown[-1].data == ""  # cleared
+    assert "[1/2] baseline seed=0: ..." in capsys.readouterr().out
+
+
+def test_peak_memory_is_the_runs_not_the_process_so_far():
+    def vm_hwm_mb():
+        return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("Linux only")
+    big = b"\1" * (600 * 2**20)  # 600 MB resident, then freed: the process's peak stays
+    del big
+    before = vm_hwm_mb()
+    (r,) = bench.run("mnist1d", ["baseline"], seeds=[0], epochs=1, bs=64, task_kwargs={"n_samples": 600},
+                     progress=None, threads=1)
+    assert r.peak_mem_scope == "run" and 0 < r.peak_mem_mb < before - 400, (r.peak_mem_mb, before)
+    assert "peak MB (RSS, per run)" in bench.format_table(bench.summarize([r]))

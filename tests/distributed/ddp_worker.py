@@ -190,12 +190,98 @@ def techniques(rank: int, world: int) -> dict:
     return out
 
 
-SCENARIOS = {"plain": plain, "fastai": fastai, "bigindex": bigindex, "techniques": techniques}
+def fsdp(rank: int, world: int) -> dict:
+    """The same fit with InfoBatch under DDP and under FSDP2 (`distrib_ctx(fsdp=...)`), a refusal, a crash."""
+    from fastai.callback.core import Callback
+
+    from effilab.data import InfoBatch
+    from effilab.optim.averaging import EMA
+    from effilab.system import distrib_ctx
+    from tests.conftest import make_learner
+
+    class Inside(Callback):
+        def before_fit(self):
+            self.seen = None
+
+        def after_batch(self):
+            if self.training and self.seen is None:
+                w = next(self.learn.model.parameters())
+                from torch.distributed.fsdp import FSDPModule
+
+                units = sum(isinstance(m, FSDPModule) for m in self.learn.model.modules())
+                self.seen = {"model": type(self.learn.model).__name__, "param": type(w).__name__, "units": units,
+                             "local_shape": tuple(getattr(w, "to_local", lambda: w)().shape)}
+
+    out = {}
+    for kind, option in (("ddp", False), ("fsdp", True), ("fsdp_blocks", (nn.Linear,))):
+        ib, inside = InfoBatch(0.5, seed=3), Inside()
+        # No BatchNorm: DDP broadcasts rank 0's running statistics, FSDP2 keeps each rank's.
+        learn = make_learner([ib, inside], n=384, batchnorm=False)
+        with distrib_ctx(learn, fsdp=option):
+            learn.fit(3, 1e-2)
+        out[kind] = {"inside": inside.seen, "model_after": type(learn.model).__name__,
+                     "param_after": type(next(learn.model.parameters())).__name__,
+                     "epochs": learn.telemetry.records("infobatch", "epoch"),
+                     "values": [list(map(float, v)) for v in learn.recorder.values],
+                     "params": {k: v.detach().clone() for k, v in learn.model.state_dict().items()}}
+        if kind == "fsdp":
+            learn.fit(1, 1e-2)  # after the context: a plain single-process fit on the plain model
+            out[kind]["fit_after"] = len(learn.recorder.values)
+
+    try:
+        with distrib_ctx(make_learner([EMA(decay=0.9)]), fsdp=True):
+            pass
+    except ValueError as e:
+        out["refused"] = str(e)
+
+    class Boom(Callback):
+        def after_batch(self):
+            if self.training and self.iter == 1:
+                raise RuntimeError("boom")
+
+    learn = make_learner([], n=128, batchnorm=False)
+    try:
+        with distrib_ctx(learn, fsdp=True):
+            learn.fit(1, cbs=Boom())
+    except RuntimeError as e:
+        out["crash"] = str(e)
+    out["crash_model"] = type(learn.model).__name__
+    out["crash_loaders"] = [type(dl).__name__ for dl in learn.dls.loaders]
+    return out
+
+
+def fsdp_techniques(rank: int, world: int) -> dict:
+    """Every registered technique under `distrib_ctx(fsdp=True)`: refused by name, or a two-epoch fit."""
+    from effilab.registry import all_techniques
+    from effilab.system import distrib_ctx
+    from tests.conftest import make_learner
+
+    out = {}
+    for name, tech in sorted(all_techniques().items()):
+        cb = tech.make()
+        learn = make_learner([cb], n=256, task=tech.task, batchnorm=False)
+        try:
+            with distrib_ctx(learn, fsdp=True):
+                learn.fit(2, 1e-2)
+        except ValueError as e:
+            out[name] = {"refused": str(e)}
+            continue
+        tele = learn.telemetry
+        out[name] = {"telemetry": {s: tele.records(s, "epoch") for s in tele.sources if s != "system"},
+                     "values": [list(map(float, v[:2])) for v in learn.recorder.values],
+                     "model_after": type(learn.model).__name__,
+                     "params": {k: v.detach().clone() for k, v in learn.model.state_dict().items()}}
+    return out
+
+
+SCENARIOS = {"plain": plain, "fastai": fastai, "bigindex": bigindex, "techniques": techniques, "fsdp": fsdp,
+             "fsdp_techniques": fsdp_techniques}
 
 
 def main() -> None:
     scenario, out_dir = sys.argv[1], Path(sys.argv[2])
-    if not dist.is_initialized() and scenario not in ("fastai", "techniques"):  # accelerate sets those up
+    accelerate_inits = ("fastai", "techniques", "fsdp", "fsdp_techniques")  # accelerate sets those up
+    if not dist.is_initialized() and scenario not in accelerate_inits:
         dist.init_process_group("gloo")
     result = SCENARIOS[scenario](int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
     result["backend"] = dist.get_backend()

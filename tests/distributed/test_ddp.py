@@ -257,3 +257,98 @@ def _assert_same_state(a, b, where):
             _assert_same_state(x, y, f"{where}[{i}]")
     else:
         assert a == b, where
+
+
+# --------------------------------------------------------------------------------------------- FSDP2
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    return _launch("fsdp", tmp_path_factory.mktemp("ddp_fsdp"))
+
+
+def test_fsdp_shards_the_model_inside_the_context_and_gives_a_plain_one_back(fsdp_run):
+    for r in fsdp_run:
+        assert r["ddp"]["inside"] == {"model": "DistributedDataParallel", "param": "Parameter", "units": 0,
+                                      "local_shape": (32, 12)}
+        # Each rank holds half of every parameter (dim 0) inside the context.
+        assert r["fsdp"]["inside"] == {"model": "FSDPSequential", "param": "DTensor", "units": 1,
+                                       "local_shape": (16, 12)}
+        assert r["fsdp_blocks"]["inside"]["units"] == 3  # the two Linear layers and the root
+        for kind in ("fsdp", "fsdp_blocks"):
+            assert r[kind]["model_after"] == "Sequential" and r[kind]["param_after"] == "Parameter"
+        assert r["fsdp"]["fit_after"] == 1  # the plain model trains on after the context
+
+
+def test_fsdp_trains_as_ddp_does(fsdp_run):
+    """Averaged gradients, reduce-scattered instead of all-reduced: the same InfoBatch plans, losses and weights."""
+    r0, r1 = fsdp_run
+    for kind in ("fsdp", "fsdp_blocks"):
+        for r in fsdp_run:
+            assert r[kind]["epochs"] == r["ddp"]["epochs"] and r[kind]["values"] == r["ddp"]["values"]
+            for k, v in r["ddp"]["params"].items():
+                torch.testing.assert_close(r[kind]["params"][k], v, rtol=1e-5, atol=1e-6)
+        assert r0[kind]["params"].keys() == r1[kind]["params"].keys()
+        assert all(torch.equal(r0[kind]["params"][k], r1[kind]["params"][k]) for k in r0[kind]["params"])
+    kept = [e["kept"] for e in r0["fsdp"]["epochs"]]
+    assert kept[1] < kept[0]  # InfoBatch pruned under FSDP too
+    train_loss = [v[0] for v in r0["fsdp"]["values"]]
+    assert train_loss[-1] < train_loss[0]
+
+
+def test_fsdp_refuses_whole_parameter_state_and_unshards_after_a_crash(fsdp_run):
+    for r in fsdp_run:
+        assert "EMA: its averaged copy" in r["refused"] and "fsdp=False" in r["refused"]
+        assert r["crash"].endswith("boom")
+        assert r["crash_model"] == "Sequential" and r["crash_loaders"] == ["DataLoader", "DataLoader"]
+
+
+@pytest.mark.parametrize("name", ["sam", "looksam", "ema", "swa", "lawa", "lamb", "lars"])
+def test_fsdp_refusal_names_the_technique_before_anything_starts(name):
+    from effilab.registry import all_techniques
+    from effilab.system import distrib_ctx
+    from tests.conftest import make_learner
+
+    cb = all_techniques()[name].make()
+    learn = make_learner([cb])
+    with pytest.raises(ValueError, match=f"{type(cb).__name__}: .*whole|{type(cb).__name__}: .*norm"):
+        with distrib_ctx(learn, fsdp=True):
+            pytest.fail("the context was entered")
+
+
+@pytest.mark.parametrize("fsdp", ["yes", (), (3,), (torch.Tensor,)])
+def test_fsdp_option_must_be_a_bool_or_module_classes(fsdp):
+    from effilab.system import distrib_ctx
+    from tests.conftest import make_learner
+
+    with pytest.raises(TypeError, match="fsdp must be"):
+        with distrib_ctx(make_learner([]), fsdp=fsdp):
+            pass
+
+
+@pytest.fixture(scope="module")
+def fsdp_technique_runs(tmp_path_factory):
+    return _launch("fsdp_techniques", tmp_path_factory.mktemp("ddp_fsdp_techniques"))
+
+
+def test_every_technique_trains_under_fsdp_or_is_refused_by_name(fsdp_technique_runs):
+    from effilab.registry import all_techniques
+    from effilab.system.distributed import FSDP_REFUSED
+
+    r0, r1 = fsdp_technique_runs
+    techniques = all_techniques()
+    assert sorted(set(r0) - {"backend"}) == sorted(techniques)
+    for name in techniques:
+        cls = type(techniques[name].make()).__name__
+        if cls in FSDP_REFUSED:
+            assert f"{cls}: {FSDP_REFUSED[cls]}" in r0[name]["refused"], name
+            continue
+        assert "refused" not in r0[name], r0[name].get("refused")
+        assert r0[name]["model_after"] == r1[name]["model_after"] != "FSDPSequential"
+        assert r0[name]["values"] == r1[name]["values"], name
+        for key, value in r0[name]["params"].items():
+            assert torch.equal(value, r1[name]["params"][key]), f"{name}: {key} differs between ranks"
+        # Timings differ between ranks; every technique's own records agree.
+        mine = {s: v for s, v in r0[name]["telemetry"].items() if s != "fit"}
+        assert mine == {s: v for s, v in r1[name]["telemetry"].items() if s != "fit"}, name
+    assert {n for n in techniques if "refused" in r0[n]} == {"sam", "looksam", "ema", "swa", "lawa", "lamb", "lars"}

@@ -21,11 +21,11 @@ from effilab.system.monitor import SystemMonitor
 from ..conftest import make_arrays, make_learner
 from . import HostReadSpy
 
-STEP_KEYS = {"time_s", "iter", "samples_per_s", "data_wait_frac", "rss_mb"}
+STEP_KEYS = {"time_s", "iter", "samples_per_s", "data_wait_frac", "rss_mb", "flops_per_s", "mfu"}
 CUDA_KEYS = {"cuda_allocated_mb", "cuda_reserved_mb", "cuda_peak_mb"}
 EPOCH_KEYS = {"epoch", "samples", "samples_total", "full_samples_total", "time_s", "data_wait_frac",
-              "peak_rss_mb"}
-META_KEYS = {"device", "has_gpu", "gpu_name", "nvml", "total_memory_mb", "note"}
+              "peak_rss_mb", "flops_per_sample", "mfu"}
+META_KEYS = {"device", "has_gpu", "gpu_name", "nvml", "total_memory_mb", "note", "peak_flops", "peak_source"}
 
 
 class FakeClock:
@@ -91,7 +91,7 @@ def test_memory_probe_on_cpu_reads_rss_and_no_cuda_fields():
     assert set(values) == {"rss_mb"} and values["rss_mb"] > 10
     assert p.peak_rss_mb >= values["rss_mb"]
     info = p.info()
-    assert set(info) == META_KEYS
+    assert set(info) == META_KEYS - {"peak_flops", "peak_source"}
     assert info["has_gpu"] is False and info["nvml"] is False and info["gpu_name"] is None
     assert "RSS" in info["note"] and info["total_memory_mb"] > values["rss_mb"]
 
@@ -297,3 +297,202 @@ def test_monitor_pickles_with_the_learner_and_mid_fit():
     assert telemetry_of(copy).records("system", "epoch") == telemetry_of(learn).records("system", "epoch")
     copy.fit(1, 1e-2)
     assert len(telemetry_of(copy).records("system", "epoch")) == 2
+
+
+# -- FLOPs, MFU, memory snapshot, out-of-memory report ---------------------------------------------------
+
+def test_monitor_measures_model_flops_and_mfu_on_cpu():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from effilab.system.monitor import measured_cpu_peak
+
+    learn = make_learner([SystemMonitor(every_s=0.0)])
+    model = pickle.loads(pickle.dumps(learn.model))
+    x, y = make_arrays(32)
+    with FlopCounterMode(display=False) as counter:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    expected = counter.get_total_flops() / 32
+    learn.fit(2, 1e-2)
+    tel = telemetry_of(learn)
+    meta = tel.meta("system")
+    assert meta["peak_flops"] == measured_cpu_peak() > 1e8 and meta["peak_source"].startswith("measured: fp32")
+    epochs = tel.records("system", "epoch")
+    assert [r["flops_per_sample"] for r in epochs] == [expected, expected] and expected > 1000
+    for r in tel.records("system", "step"):
+        assert r["flops_per_s"] == pytest.approx(expected * r["samples_per_s"])
+        assert r["mfu"] == pytest.approx(r["flops_per_s"] / meta["peak_flops"]) and 0 < r["mfu"] < 1
+    assert 0 < epochs[-1]["mfu"] < 1
+
+
+def test_flops_are_counted_again_each_epoch_as_sizes_change():
+    from effilab import ProgressiveResize
+
+    learn = make_learner([ProgressiveResize(), SystemMonitor(peak_flops=1e12)], task="image", n=128)
+    learn.fit(3, 1e-2)
+    tel = telemetry_of(learn)
+    per_sample = [r["flops_per_sample"] for r in tel.records("system", "epoch")]
+    assert per_sample == sorted(per_sample) and per_sample[0] < per_sample[-1]  # small images first
+    assert tel.meta("system")["peak_source"] == "given"
+    assert tel.records("system", "epoch")[-1]["mfu"] > 0
+
+
+def test_measured_cpu_peak_is_cached():
+    from effilab.system.monitor import measured_cpu_peak
+
+    t0 = time.perf_counter()
+    first = measured_cpu_peak(size=64, seconds=0.05)
+    assert measured_cpu_peak(size=64, seconds=0.05) == first > 0
+    assert time.perf_counter() - t0 < 5
+
+
+@pytest.mark.parametrize("name, dtype, tf32, tflops", [
+    ("NVIDIA H100 80GB HBM3", torch.bfloat16, None, 989.4), ("NVIDIA H100 PCIe", torch.float16, None, 756.0),
+    ("NVIDIA H100 NVL", torch.float32, False, 60.0), ("NVIDIA H200", torch.float32, True, 494.7),
+    ("NVIDIA A100-SXM4-80GB", torch.float32, False, 19.5), ("NVIDIA A100 80GB PCIe", torch.float32, True, 156.0),
+    ("NVIDIA A10", torch.bfloat16, None, 125.0), ("NVIDIA L4", torch.bfloat16, None, 121.0),
+    ("NVIDIA L40S", torch.float16, None, 362.1), ("Tesla T4", torch.float16, None, 65.0),
+    ("Tesla T4", torch.float32, True, 8.1), ("Tesla T4", torch.bfloat16, None, None),
+    ("NVIDIA GeForce RTX 4090", torch.bfloat16, None, 165.2), ("Some Future GPU", torch.bfloat16, None, None)])
+def test_datasheet_peaks(name, dtype, tf32, tflops):
+    from effilab.system.monitor import datasheet_peak
+
+    peak = datasheet_peak(name, dtype, tf32=tf32)
+    assert peak == (None if tflops is None else pytest.approx(tflops * 1e12))
+
+
+def test_peak_on_a_fake_gpu_comes_from_the_datasheet(fake_cuda, monkeypatch):
+    from effilab.system.monitor import peak_flops
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: types.SimpleNamespace(
+        name="NVIDIA H100 80GB HBM3", total_memory=80 * 2**30, uuid=None))
+    peak, source = peak_flops(torch.device("cuda:0"), torch.bfloat16)
+    assert peak == pytest.approx(989.4e12) and source == "datasheet: NVIDIA H100 80GB HBM3, bf16 dense"
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: types.SimpleNamespace(
+        name="Fake GPU", total_memory=2**30, uuid=None))
+    peak, source = peak_flops(torch.device("cuda:0"), torch.bfloat16)
+    assert peak is None and "peak_flops=" in source
+
+
+class _FakeCudaProbe(MemoryProbe):
+    """A MemoryProbe that believes it watches cuda:0 (with the fake_cuda fixture's allocator)."""
+
+    def __init__(self, device=None):
+        super().__init__("cpu")
+        self.device, self.is_cuda = torch.device("cuda:0"), True
+
+
+@pytest.fixture
+def fake_cuda_monitor(fake_cuda, monkeypatch, tmp_path):
+    from effilab.system import monitor as monitor_mod
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # fastai would move the Learner there
+    monkeypatch.setattr(monitor_mod, "MemoryProbe", _FakeCudaProbe)
+    monkeypatch.setattr(monitor_mod, "peak_flops", lambda device, dtype: (1e12, f"fake {device} {dtype}"))
+    monkeypatch.setattr(torch.cuda.memory, "_record_memory_history",
+                        lambda enabled="all", **kw: calls.append(("record", enabled, kw)))
+    monkeypatch.setattr(torch.cuda.memory, "_dump_snapshot", lambda path: calls.append(("dump", path)))
+    monkeypatch.setattr(torch._C, "_cuda_attach_out_of_memory_observer", lambda fn: calls.append(("observe", fn)))
+    monkeypatch.setattr(monitor_mod, "_OBSERVING", False)
+    return types.SimpleNamespace(calls=calls, stats=fake_cuda.stats, path=tmp_path / "snaps" / "mem.pickle")
+
+
+def test_memory_snapshot_on_fake_cuda(fake_cuda_monitor):
+    calls, path = fake_cuda_monitor.calls, fake_cuda_monitor.path
+    learn = make_learner([SystemMonitor(memory_snapshot=path, snapshot_steps=3)])
+    dumped_at = []
+
+    class Watch(__import__("fastai").callback.core.Callback):
+        order = 100
+
+        def after_batch(self):
+            if self.training and any(c[0] == "dump" for c in calls) and not dumped_at:
+                dumped_at.append(self.learn.train_iter)
+
+    learn.add_cb(Watch())
+    learn.fit(1, 1e-2)
+    assert calls[0] == ("record", "all", {"max_entries": 100_000})
+    assert ("dump", str(path)) in calls and calls[-1] == ("record", None, {})
+    assert dumped_at == [3] and path.parent.is_dir()  # after the third training step
+    assert telemetry_of(learn).meta("system")["memory_snapshot"] == str(path)
+    assert [c[0] for c in calls].count("observe") == 1
+    # A fit shorter than snapshot_steps still saves what it recorded.
+    calls.clear()
+    short = make_learner([SystemMonitor(memory_snapshot=path, snapshot_steps=10_000)], n=64)
+    short.fit(1, 1e-2)
+    assert [c[0] for c in calls] == ["record", "dump", "record"]
+
+
+def test_out_of_memory_report_on_fake_cuda(fake_cuda_monitor, monkeypatch):
+    from fastai.callback.core import Callback
+
+    from effilab.system import monitor as monitor_mod
+
+    fake_cuda_monitor.stats.update({"allocated_bytes.all.current": 700 * 2**20,
+                                    "reserved_bytes.all.current": 1000 * 2**20, "num_alloc_retries": 3})
+    segments = [{"stream": 0, "blocks": [
+        {"size": 400 * 2**20, "state": "active_allocated", "frames": [{"filename": "model.py", "line": 12}]},
+        {"size": 300 * 2**20, "state": "active_allocated", "frames": []},
+        {"size": 300 * 2**20, "state": "inactive"}]}]
+    monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda: segments)
+    monkeypatch.setattr(monitor_mod, "_largest_cuda_tensors", lambda device: [
+        {"mb": 400.0, "shape": (1024, 102400), "dtype": "torch.float32", "is_param": False, "grad": False}])
+
+    class AllocationFails(Callback):
+        def before_backward(self):
+            if self.iter == 2:
+                observer = next(c[1] for c in fake_cuda_monitor.calls if c[0] == "observe")
+                observer(0, 512 * 2**20, 1024 * 2**20, 2**20)  # what PyTorch calls before raising
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 512.00 MiB")
+
+    monitor = SystemMonitor()
+    learn = make_learner([monitor])
+    with pytest.warns(ResourceWarning, match="held by tensors") as warned, \
+            pytest.raises(torch.cuda.OutOfMemoryError):
+        learn.fit(1, 1e-2, cbs=AllocationFails())
+    report = monitor.oom_report
+    assert report["requested_mb"] == 512 and report["allocated_mb"] == 700 and report["cached_free_mb"] == 300
+    assert report["alloc_retries"] == 3 and report["device_total_mb"] == 1024
+    assert [b["mb"] for b in report["largest_blocks"]] == [400, 300]
+    assert report["largest_blocks"][0]["where"] == "model.py:12"
+    text = str(warned[0].message)
+    assert "allocating 512.0 MB" in text and "700.0 MB held by tensors" in text and "from model.py:12" in text
+    assert "400.0 MB torch.float32 [1024, 102400]" in text and "expandable_segments" in text
+    oom = telemetry_of(learn).records("system", "oom")
+    assert len(oom) == 1 and oom[0]["text"] == report["text"]
+    # The exception ended the fit with no event: the next fit closes what it left, then watches again.
+    from effilab.system.monitor import _ACTIVE
+    assert id(monitor) in _ACTIVE
+    learn.fit(1, 1e-2)
+    assert id(monitor) not in _ACTIVE and len(telemetry_of(learn).records("system", "epoch")) == 1
+
+
+def test_oom_report_without_details():
+    from effilab.system.monitor import oom_report
+
+    report = oom_report({"allocated_bytes.all.current": 2**20, "reserved_bytes.all.current": 2**20})
+    assert report["largest_blocks"] == [] and report["largest_tensors"] == []
+    assert report["text"].startswith("CUDA out of memory: 1.0 MB held by tensors")
+    assert "expandable" not in report["text"]
+
+
+@pytest.mark.parametrize("kwargs", [{"every_s": True}, {"every_s": "1"}, {"every_s": -1.0}, {"peak_flops": 0},
+                                    {"peak_flops": float("nan")}, {"peak_flops": True}, {"count_flops": 1},
+                                    {"memory_snapshot": 3}, {"snapshot_steps": 0}, {"snapshot_steps": 2.0},
+                                    {"oom": "yes"}])
+def test_monitor_refuses_bad_input(kwargs):
+    with pytest.raises(TypeError):
+        SystemMonitor(**kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_memory_snapshot_and_mfu_on_a_real_gpu(tmp_path):
+    path = tmp_path / "mem.pickle"
+    learn = make_learner([SystemMonitor(every_s=0.0, memory_snapshot=path, snapshot_steps=3)])
+    learn.dls.to("cuda")
+    learn.model.cuda()
+    learn.fit(1, 1e-2)
+    tel = telemetry_of(learn)
+    assert path.stat().st_size > 1000 and tel.meta("system")["memory_snapshot"] == str(path)
+    assert tel.meta("system")["peak_source"].startswith("datasheet") or tel.meta("system")["peak_flops"] is None
+    assert tel.records("system", "epoch")[0]["flops_per_sample"] > 0

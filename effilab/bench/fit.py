@@ -1,0 +1,433 @@
+"""One run: fit one recipe with one seed, and measure what it spent.
+
+`fit_one(...)` builds the Learner for a recipe and a seed, trains it with `fit_one_cycle` and returns a
+`Fit`: the per-epoch history, what the recipe chose, the telemetry, and a `Spend` -- what the run spent
+(samples forwarded and backpropagated, optimiser steps, work, wall-clock and CPU time, peak memory),
+computed in one place (`spend_of`) from the sample counter and the techniques' telemetry.
+
+Stage 2 of the bench (recipes -> **run** -> stored result -> table/report): it reads recipes and tasks,
+and knows nothing of how results are stored or shown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import random
+import re
+import resource
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from fastai.callback.core import Callback, CancelFitException
+
+from ..callback import EffilabCallback
+from .recipes import Recipe, RunContext
+from .tasks import MODELS, TaskError
+
+__all__ = ["FORWARD_SHARE", "Fit", "SampleCounter", "Spend", "StopAtAccuracy", "check_device", "fit_one",
+           "make_model", "num_threads", "spend_of"]
+
+class SampleCounter(EffilabCallback):
+    """Counts the training samples forwarded and the optimiser steps taken, whatever the recipe.
+
+    Writes per-epoch counts to telemetry (source `"counter"`, stream `"epoch"`: forwarded, steps and
+    running totals). Host-side integers only: batch sizes are shapes, so counting never syncs.
+    """
+
+    order = 100  # after the callbacks that may shorten or skip batches
+    telemetry_name = "counter"
+
+    def __init__(self):
+        self.forwarded = self.steps = 0
+        self._epoch_forwarded = self._epoch_steps = 0
+        self._cancelled = False
+
+    def before_train(self):
+        self._epoch_forwarded = self._epoch_steps = 0
+
+    def before_batch(self):
+        self._cancelled = False
+
+    def after_pred(self):
+        if self.training:
+            from fastai.torch_core import find_bs
+
+            self._epoch_forwarded += find_bs(self.learn.xb)
+
+    def after_cancel_step(self):
+        self._cancelled = True  # e.g. gradient accumulation: fastai still fires after_step
+
+    def after_step(self):
+        if self.training and not self._cancelled:
+            self._epoch_steps += 1
+
+    def after_train(self):
+        if not self.training or hasattr(self.learn, "lr_finder"):
+            return
+        self.forwarded += self._epoch_forwarded
+        self.steps += self._epoch_steps
+        self.telemetry.record(self.telemetry_name, "epoch", epoch=self.learn.epoch,
+                              forwarded=self._epoch_forwarded, steps=self._epoch_steps,
+                              forwarded_total=self.forwarded, steps_total=self.steps)
+
+    def state_dict(self) -> dict:
+        return {"forwarded": self.forwarded, "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.forwarded, self.steps = state["forwarded"], state["steps"]
+
+
+class StopAtAccuracy(Callback):
+    """Ends the fit after the first epoch whose validation accuracy reaches `target` (time-to-accuracy),
+    noting when: the epoch, the host clock and the training samples forwarded so far (`counter`)."""
+
+    order = 200  # after every callback's after_epoch (the Recorder's log, telemetry writers)
+
+    def __init__(self, target: float, counter: SampleCounter | None = None, metric: str = "accuracy"):
+        self.target, self.counter, self.metric = target, counter, metric
+        self.reached: dict | None = None
+
+    def before_fit(self):
+        self.reached = None
+
+    def after_epoch(self):
+        if self.reached is not None or hasattr(self.learn, "lr_finder"):
+            return
+        rec = self.learn.recorder
+        value = dict(zip(rec.metric_names[1:-1], rec.values[-1])).get(self.metric) if rec.values else None
+        if value is not None and float(value) >= self.target:
+            self.reached = {"epoch": self.learn.epoch, "clock": time.perf_counter(), "value": float(value),
+                            "samples": self.counter.forwarded if self.counter is not None else None}
+            raise CancelFitException
+
+
+class _EpochHook(Callback):
+    order = 190  # before StopAtAccuracy, which may end the fit in the same event
+
+    def __init__(self, on_epoch: Callable[[int], None]):
+        self.on_epoch = on_epoch
+
+    def after_epoch(self):
+        self.on_epoch(self.learn.epoch + 1)
+
+
+
+# ------------------------------------------------------------------------------------ measurements
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux: VmHWM) so the next reading covers one run only."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            m = re.search(r"VmHWM:\s+(\d+)\s+kB", f.read())
+        if m:
+            return int(m.group(1)) / 1024
+    except OSError:
+        pass
+    # Elsewhere only the process's lifetime peak is known (kB on Linux, bytes on macOS).
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def _backpropagated(telemetry: Mapping) -> int | None:
+    """Samples whose loss was backpropagated, as a technique reports them (any source, stream
+    "samples": the last `backpropagated_total`, else the sum of `backpropagated`); None if none does.
+    With several reporting sources, the smallest count (each one only removes samples)."""
+    found = None
+    for streams in telemetry.get("records", {}).values():
+        recs = streams.get("samples", [])
+        totals = [r["backpropagated_total"] for r in recs if "backpropagated_total" in r]
+        parts = [r["backpropagated"] for r in recs if "backpropagated" in r]
+        value = totals[-1] if totals else sum(parts) if parts else None
+        if value is not None:
+            found = int(value) if found is None else min(found, int(value))
+    return found
+
+
+def _forwarded(telemetry: Mapping) -> int | None:
+    """Samples forwarded as techniques report them (stream "samples": the last `forwarded_total`), the
+    largest over sources: a technique that forwards some samples twice or before the Learner's own
+    forward (Selective Backprop's selection pass) counts what the Learner's counter cannot see."""
+    totals = [recs[-1]["forwarded_total"] for streams in telemetry.get("records", {}).values()
+              if (recs := [r for r in streams.get("samples", []) if "forwarded_total" in r])]
+    return max(totals) if totals else None
+
+
+def _cuda_peak_from_telemetry(telemetry: Mapping) -> float | None:
+    # SystemMonitor resets CUDA's peak statistic at each epoch: its per-epoch peaks cover what ours lost.
+    recs = telemetry.get("records", {}).get("system", {}).get("epoch", [])
+    peaks = [r["cuda_peak_mb"] for r in recs if r.get("cuda_peak_mb") is not None]
+    return max(peaks) if peaks else None
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """fastai's `set_seed(seed, reproducible=True)` for the duration of one run; the caller's random,
+    numpy and torch generators and cuDNN flags are put back afterwards."""
+    from fastai.torch_core import set_seed
+
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+              torch.cuda.get_rng_state_all() if cuda else None,
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    set_seed(seed, reproducible=True)
+    try:
+        yield
+    finally:
+        py, np_state, cpu, gpu, det, bench = states
+        random.setstate(py)
+        np.random.set_state(np_state)
+        torch.set_rng_state(cpu)
+        if gpu is not None:
+            torch.cuda.set_rng_state_all(gpu)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = det, bench
+
+
+@contextlib.contextmanager
+def num_threads(n: int | None):
+    """torch's CPU threads set to `n` for the duration (None: unchanged)."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _cnn_needs_images(task) -> str:
+    return (f"model 'cnn' needs image inputs (channels, height, width); task {task.name!r} has inputs of "
+            f"shape {tuple(task.input_shape)}: use --model mlp or small")
+
+
+def make_model(task, model: str = "small", width: int | None = None) -> torch.nn.Module:
+    """`small`: `effilab.datasets.small_model(task, width)`; `mlp`: its MLP on flattened inputs (images
+    too); `cnn`: its CNN (image tasks only)."""
+    from types import SimpleNamespace
+
+    from ..datasets import small_model
+
+    shape = tuple(task.input_shape)
+    if model == "small":
+        return small_model(task, width)
+    if model == "mlp":
+        flat = SimpleNamespace(input_shape=(int(np.prod(shape)),), n_classes=task.n_classes)
+        return small_model(flat, width)
+    if model == "cnn":
+        if len(shape) != 3:
+            raise ValueError(_cnn_needs_images(task))
+        return small_model(task, width)
+    raise ValueError(f"unknown model {model!r}; models: {', '.join(MODELS)}")
+
+
+
+def check_device(spec) -> torch.device:
+    """The torch device for `spec` (None: cuda if available, else cpu), checked before any training: an
+    unknown name, or a GPU this machine does not have, is a `ValueError` that says what exists."""
+    if spec is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(spec, (str, torch.device)) or isinstance(spec, bool):
+        raise ValueError(f"device must be a string such as 'cpu' or 'cuda', got {spec!r}")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"unknown device {spec!r}: use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"device {spec!r}: no CUDA GPU is available on this machine; use --device cpu")
+        if device.index is not None and device.index >= n:
+            raise ValueError(f"device {spec!r}: this machine has {n} CUDA GPU(s) (cuda:0 .. cuda:{n - 1})")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {spec!r}: MPS is not available on this machine; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {spec!r}: the bench runs on cpu, cuda or mps")
+    return device
+
+
+# ------------------------------------------------------------------------------------------ what a run spent
+
+# Work counts forward+backward passes in samples at full size. A forward pass alone (Selective Backprop's
+# selection pass) counts a third: backward costs about twice the forward (2N vs 4N FLOPs per sample and
+# parameter, Kaplan et al. 2020).
+FORWARD_SHARE = 1 / 3
+
+
+@dataclass
+class Spend:
+    """What one run spent, in every unit the bench compares.
+
+    `samples`: training samples forwarded (the Learner's forward, or more where a technique forwards
+    some before it: Selective Backprop's selection pass); `backpropagated`: those whose loss reached the
+    gradient; `full_samples`: what full data forwards in the planned epochs; `steps`: optimiser steps;
+    `work`: forward+backward passes in samples at full size (see `work_of`); `wall_s`/`cpu_s`: the
+    fit's wall-clock and the process's CPU time; `peak_mem_mb`: the run's peak memory, the peak mark
+    being reset before the run (`peak_mem_scope` "run"; "process" where it cannot be reset: the
+    process's peak so far) -- CUDA's allocator on a GPU, the resident set (RSS) on a CPU.
+    """
+
+    samples: int
+    backpropagated: int
+    full_samples: int
+    steps: int
+    work: float
+    wall_s: float
+    cpu_s: float
+    peak_mem_mb: float | None
+    peak_mem_kind: str = "rss"
+    peak_mem_scope: str = "run"
+
+    @property
+    def throughput(self) -> float | None:
+        """Training samples forwarded per second of wall-clock."""
+        return self.samples / self.wall_s if self.wall_s > 0 else None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _size_fraction(telemetry: Mapping) -> float:
+    """The share of the full-size input forwarded, as techniques that shrink inputs report it (any source,
+    stream "epoch": `<unit>_forwarded_total` over `<unit>_full_total`, e.g. pixels for progressive
+    resizing, tokens for sequence-length warmup); 1.0 when none does."""
+    frac = 1.0
+    for streams in telemetry.get("records", {}).values():
+        recs = streams.get("epoch", [])
+        last = recs[-1] if recs else {}
+        for key, value in last.items():
+            if key.endswith("_forwarded_total"):
+                full = last.get(key[: -len("_forwarded_total")] + "_full_total")
+                if full:
+                    frac *= value / full
+    return frac
+
+
+def _extra_passes(telemetry: Mapping) -> int:
+    """Samples given an extra forward+backward pass (SAM's and LookSAM's second pass: stream "epoch",
+    `extra_samples`), summed over every source and epoch."""
+    return sum(int(r.get("extra_samples") or 0) for streams in telemetry.get("records", {}).values()
+               for r in streams.get("epoch", []))
+
+
+def work_of(learner_samples: int, telemetry: Mapping) -> float:
+    """Samples-equivalent forward+backward passes at full size: the Learner's training forwards (each
+    backpropagated), plus a technique's forward-only pass before them (counted `FORWARD_SHARE`), plus
+    the extra forward+backward passes of SAM, all scaled by the share of pixels or tokens forwarded."""
+    forward_only = _forwarded(telemetry) or 0
+    if forward_only <= learner_samples:  # no pass the Learner's counter missed
+        forward_only = 0
+    passes = learner_samples + FORWARD_SHARE * forward_only + _extra_passes(telemetry)
+    return passes * _size_fraction(telemetry)
+
+
+def spend_of(counter: SampleCounter, telemetry: Mapping, full_samples: int, wall_s: float, cpu_s: float,
+             peak_mem_mb: float | None, peak_mem_kind: str, peak_mem_scope: str) -> Spend:
+    """A run's `Spend` from its sample counter and its techniques' telemetry (the one place it is
+    computed; a budget reads the same counts)."""
+    forwarded = max(counter.forwarded, _forwarded(telemetry) or 0)
+    backpropagated = _backpropagated(telemetry)
+    return Spend(samples=forwarded, backpropagated=forwarded if backpropagated is None else backpropagated,
+                 full_samples=full_samples, steps=counter.steps, work=work_of(counter.forwarded, telemetry),
+                 wall_s=wall_s, cpu_s=cpu_s, peak_mem_mb=peak_mem_mb, peak_mem_kind=peak_mem_kind,
+                 peak_mem_scope=peak_mem_scope)
+
+
+# ------------------------------------------------------------------------------------------ one run
+
+
+@dataclass
+class Fit:
+    """One finished fit: accuracy per epoch (`history`), what the recipe chose (`params`), the telemetry,
+    what it spent, and when it reached the target accuracy (None: not asked, or never)."""
+
+    history: list[dict]
+    params: dict
+    telemetry: dict
+    spend: Spend
+    time_to_target_s: float | None = None
+    samples_to_target: int | None = None
+    epoch_to_target: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def accuracy(self) -> float:
+        return self.history[-1]["accuracy"]
+
+    @property
+    def best_accuracy(self) -> float:
+        return max(h["accuracy"] for h in self.history)
+
+
+def fit_one(task, recipe: Recipe, ctx: RunContext, device: torch.device, model: str = "small",
+            width: int | None = None, target_acc: float | None = None,
+            on_epoch: Callable[[int], None] | None = None) -> Fit:
+    """Fit `make_model(task, model, width)` on `task` under `recipe` with `fit_one_cycle(ctx.epochs,
+    ctx.lr)`, seeded with `ctx.seed`, and measure it. A fit that forwarded no training sample raises."""
+    from fastai.callback.progress import ProgressCallback
+    from fastai.callback.schedule import fit_one_cycle  # noqa: F401  (adds Learner.fit_one_cycle)
+    from fastai.learner import Learner
+    from fastai.losses import CrossEntropyLossFlat
+    from fastai.metrics import accuracy
+
+    from ..callback import telemetry_of
+
+    gc.collect()  # the previous run's Learner sits in reference cycles: free it before measuring this one
+    with seeded(ctx.seed):
+        dls = task.dataloaders(bs=ctx.bs, seed=ctx.seed, device=device)
+        if len(dls.train) == 0:
+            raise TaskError(f"the training set ({len(task.train)} samples) is smaller than one batch "
+                            f"(bs={ctx.bs}): no sample would be forwarded")
+        net = make_model(task, model, width)
+        counter = SampleCounter()
+        extra: list[Callback] = [] if on_epoch is None else [_EpochHook(on_epoch)]
+        stopper = StopAtAccuracy(target_acc, counter) if target_acc is not None else None
+        if stopper is not None:
+            extra.append(stopper)
+        learn = Learner(dls, net, loss_func=CrossEntropyLossFlat(), metrics=accuracy,
+                        cbs=[counter, *recipe.make_callbacks(ctx), *extra])
+        learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, ProgressCallback)])
+        full_epoch = len(dls.train) * ctx.bs if dls.train.drop_last else dls.train.n
+        scope = "run" if _reset_peak_rss() else "process"
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        with learn.no_logging():
+            learn.fit_one_cycle(ctx.epochs, ctx.lr)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    names = list(learn.recorder.metric_names[1:-1])  # drop "epoch" and "time"
+    history = [{"epoch": i, **dict(zip(names, map(float, vals)))}
+               for i, vals in enumerate(learn.recorder.values)]
+    if not history:
+        raise RuntimeError("the fit ended before its first epoch did")
+    tel = telemetry_of(learn).to_dict()
+    peak_mem, kind = _peak_rss_mb(), "rss"
+    if device.type == "cuda":
+        peaks = [torch.cuda.max_memory_allocated(device) / 2**20, _cuda_peak_from_telemetry(tel)]
+        peak_mem, kind, scope = max(p for p in peaks if p is not None), "cuda", "run"
+    spend = spend_of(counter, tel, full_epoch * ctx.epochs, wall, cpu, peak_mem, kind, scope)
+    if spend.samples == 0:
+        raise RuntimeError("the fit forwarded no training sample (is the training set smaller than a batch?)")
+    reached = stopper.reached if stopper is not None else None
+    return Fit(history=history, params=dict(ctx.notes), telemetry=tel, spend=spend,
+               time_to_target_s=None if reached is None else reached["clock"] - start,
+               samples_to_target=None if reached is None else reached["samples"],
+               epoch_to_target=None if reached is None else reached["epoch"])
