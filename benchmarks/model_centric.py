@@ -226,6 +226,19 @@ def technique_notes(campaign) -> list[str]:
     return notes
 
 
+def print_results(path) -> None:
+    """The tables of a finished campaign, from its results.json (no training)."""
+    import json
+    from types import SimpleNamespace
+
+    data = json.loads(open(path).read())
+    campaign = SimpleNamespace(results=[SimpleNamespace(**r) for r in data["runs"]])
+    print(table(*model_rows(campaign)) + "\n")
+    print("\n".join(technique_notes(campaign)))
+    for f in data.get("failures", []):
+        print(f"failed: {f['recipe']} (seed {f['seed']}): {f.get('error_type')}: {f.get('error')}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
@@ -239,8 +252,11 @@ def main(argv=None):
     parser.add_argument("--device", default=None)
     parser.add_argument("--flop-every", type=int, default=8, help="count FLOPs on every n-th training step")
     parser.add_argument("--recipes", nargs="+", default=None, help="a subset of the recipes (by name)")
+    parser.add_argument("--from-results", default=None, help="print the tables of a campaign's results.json again")
     args = parser.parse_args(argv)
     apply_threads(args)
+    if args.from_results:
+        return print_results(args.from_results)
 
     from effilab import datasets
     from effilab.bench import run
