@@ -71,7 +71,7 @@ class FlopCount(EffilabCallback):
 
     def __init__(self, every: int = 8):
         self.every = every
-        self._last_flops = self._last_saved = None
+        self._last_flops = self._last_saved = self._mode = None
 
     def before_fit(self):
         # dynamo's cache is process-wide and a model of the same structure reuses its graphs: each compiled
@@ -271,6 +271,8 @@ def main(argv=None):
     if args.quick:
         seeds, epochs, n = [0], 2, 2048 if args.task != "pysource" else 60_000
     name = f"model_centric_{args.task.replace('-', '_')}" + ("_quick" if args.quick else "")
+    if args.recipes:  # a subset does not overwrite the whole campaign's results
+        name += "_" + "_".join("".join(c for c in r if c.isalnum() or c == "_") for r in args.recipes)
     if args.task == "pysource":
         task = datasets.pysource(seq_len=64, max_bytes=n or 400_000)
     elif args.task == "fashion-mnist":
