@@ -19,10 +19,12 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from . import store as S
+from .distributed import check_nproc, fit_distributed
 from .fit import check_device, fit_one, num_threads
 from .recipes import DEFAULT_RECIPES, Recipe, RunContext, check_fits_task, get_recipe, resolve_campaign, run_order
 from .store import RunFailure, RunResult
@@ -30,6 +32,29 @@ from .table import format_table, html_table, summarize
 from .tasks import MODELS, TaskError, load_task
 
 __all__ = ["Campaign", "CampaignInterrupted", "run"]
+
+
+# Components that measure a run and change nothing in it. What they cost (telemetry writers, a drawing
+# budget, a profiler's trace) is in every run of a campaign or in none, so that differences between the
+# runs come from the techniques only. Not `sync_free_recorder`: it replaces fastai's Recorder to save
+# host syncs, a technique whose effect is what a comparison measures.
+MEASURING = ("dashboard", "system_monitor", "fit_recorder", "profiler")
+
+
+def same_measuring(recipes: Sequence[Recipe]) -> list[Recipe]:
+    """Each recipe with every measuring component (`MEASURING`) that a recipe of the campaign has, added
+    with the first such recipe's arguments where it lacks it."""
+    found: dict = {}
+    for recipe in recipes:
+        for spec in recipe.components:
+            if spec.key in MEASURING:
+                found.setdefault(spec.key, spec)
+    out = []
+    for recipe in recipes:
+        have = {spec.key for spec in recipe.components}
+        missing = tuple(spec for key, spec in found.items() if key not in have)
+        out.append(replace(recipe, components=recipe.components + missing) if missing else recipe)
+    return out
 
 
 class CampaignInterrupted(KeyboardInterrupt):
@@ -313,7 +338,7 @@ def run(task="mnist1d", recipes: Iterable[str | Recipe | Mapping] = DEFAULT_RECI
         task_kwargs: Mapping[str, Any] | None = None, model: str = "small", width: int | None = None,
         target_acc: float | None = None, device=None, options: Mapping[str, Any] | None = None,
         threads: int | None = None, progress: Any = "auto", out=None, resume: bool = False,
-        overwrite: bool = False, report: bool = True) -> Campaign:
+        overwrite: bool = False, report: bool = True, nproc: int = 1) -> Campaign:
     """Train `make_model(task, model, width)` with `fit_one_cycle(epochs, lr)` under each recipe and seed.
 
     `task`: a task name (`effilab.bench.tasks`: mnist1d, digits, fashion-mnist, mnist, cifar10,
@@ -324,7 +349,8 @@ def run(task="mnist1d", recipes: Iterable[str | Recipe | Mapping] = DEFAULT_RECI
     restored afterwards): the same seed and recipe give the same sample counts and, on CPU, the same
     accuracy. `target_acc`: stop each fit after the epoch whose validation accuracy reaches it and
     record the time and samples it took. `options` reach the recipes (`fraction`: random pruning's
-    when nothing is matched); `threads` sets torch's CPU threads for the duration.
+    when nothing is matched); `threads` sets torch's CPU threads for the duration. `nproc` > 1: each run
+    trains on that many processes under `torchrun` (DDP, see `effilab.bench.distributed`).
 
     Every setting, the device, the task's size and each recipe's fit to the task are checked before any
     training (`ValueError`, `TaskError`, `RecipeError`). A run that raises is recorded as a `RunFailure`
@@ -342,11 +368,12 @@ def run(task="mnist1d", recipes: Iterable[str | Recipe | Mapping] = DEFAULT_RECI
 
     seeds = list(seeds)
     _check_settings(seeds, epochs, bs, lr, target_acc, model, threads, width)
-    recipe_objs = resolve_campaign(get_recipe(r) for r in recipes)
+    recipe_objs = same_measuring(resolve_campaign(get_recipe(r) for r in recipes))
     if not recipe_objs:
         raise ValueError("need at least one recipe")
     options = dict(options or {})
     device = check_device(device)
+    check_nproc(nproc)
     if isinstance(task, TaskData):
         task_spec, kwargs = task.name, None
     else:
@@ -354,6 +381,8 @@ def run(task="mnist1d", recipes: Iterable[str | Recipe | Mapping] = DEFAULT_RECI
     config = {"task": task_spec, "task_kwargs": kwargs, "recipes": [r.to_config() for r in recipe_objs],
               "seeds": seeds, "epochs": epochs, "bs": bs, "lr": float(lr), "model": model, "width": width,
               "target_acc": target_acc, "fraction": options.get("fraction"), "device": device.type}
+    if nproc > 1:  # only then: campaigns stored before the option existed still resume
+        config["nproc"] = nproc
 
     stored = None
     if out is not None:
@@ -401,7 +430,10 @@ def run(task="mnist1d", recipes: Iterable[str | Recipe | Mapping] = DEFAULT_RECI
                 bar.start_run(recipe.name, seed)
                 t0 = time.perf_counter()
                 try:
-                    fit = fit_one(task, recipe, ctx, device, model, width, target_acc, bar.on_epoch)
+                    if nproc > 1:
+                        fit = fit_distributed(task, recipe, ctx, device, model, width, target_acc, nproc, threads)
+                    else:
+                        fit = fit_one(task, recipe, ctx, device, model, width, target_acc, bar.on_epoch)
                     record = RunResult.from_fit(fit, recipe, seed, task.name, epochs, bs, lr, target_acc,
                                                 device.type)
                 except Exception as e:  # the campaign goes on; KeyboardInterrupt ends it below
