@@ -331,7 +331,8 @@ def run(task="mnist1d", recipes: Iterable[str | Recipe | Mapping] = DEFAULT_RECI
         task_kwargs: Mapping[str, Any] | None = None, model: str = "small", width: int | None = None,
         target_acc: float | None = None, device=None, options: Mapping[str, Any] | None = None,
         threads: int | None = None, progress: Any = "auto", out=None, resume: bool = False,
-        overwrite: bool = False, report: bool = True, budget: str | None = None) -> Campaign:
+        overwrite: bool = False, report: bool = True, budget: str | None = None,
+        matched: bool = True) -> Campaign:
     """Train `make_model(task, model, width)` with `fit_one_cycle(epochs, lr)` under each recipe and seed.
 
     `task`: a task name (`effilab.bench.tasks`: mnist1d, digits, fashion-mnist, mnist, cifar10,
@@ -348,8 +349,10 @@ def run(task="mnist1d", recipes: Iterable[str | Recipe | Mapping] = DEFAULT_RECI
     both modes, with a recipe named "baseline", each other recipe (but those with `reinvest`) is followed by
     its budget-matched baseline `baseline@<name>`: the baseline given exactly what that recipe's run of the
     same seed spent, in the unit where it saved (samples, FLOPs, steps); not run (listed in
-    `Campaign.skipped`) when it saved nothing. `options` reach the recipes (`fraction`: random pruning's
-    when nothing is matched); `threads` sets torch's CPU threads for the duration.
+    `Campaign.skipped`) when it saved nothing; `matched=False` leaves them out.
+
+    `options` reach the recipes (`fraction`: random pruning's when nothing is matched); `threads` sets
+    torch's CPU threads for the duration.
 
     Every setting, the device, the task's size and each recipe's fit to the task are checked before any
     training (`ValueError`, `TaskError`, `RecipeError`). A run that raises is recorded as a `RunFailure`
@@ -368,7 +371,7 @@ def run(task="mnist1d", recipes: Iterable[str | Recipe | Mapping] = DEFAULT_RECI
     seeds = list(seeds)
     _check_settings(seeds, epochs, bs, lr, target_acc, model, threads, width)
     check_budget_unit(budget)
-    recipe_objs = resolve_campaign(add_matched_baselines([get_recipe(r) for r in recipes], budget))
+    recipe_objs = resolve_campaign(add_matched_baselines([get_recipe(r) for r in recipes], budget, matched))
     if not recipe_objs:
         raise ValueError("need at least one recipe")
     options = dict(options or {})
@@ -384,6 +387,8 @@ def run(task="mnist1d", recipes: Iterable[str | Recipe | Mapping] = DEFAULT_RECI
               "target_acc": target_acc, "fraction": options.get("fraction"), "device": device.type}
     if budget is not None:  # absent without one: campaigns stored before budgets resume unchanged
         config["budget"] = budget
+    if not matched:
+        config["matched"] = False
 
     stored = None
     if out is not None:

@@ -772,11 +772,12 @@ def budget_plan(recipe: Recipe, ctx: RunContext, min_fraction: float = 0.5) -> B
     return BudgetPlan(unit, float(amount), epochs, kind, recipe.matches or None)
 
 
-def add_matched_baselines(recipes: Sequence[Recipe], budget: str | None = None) -> list[Recipe]:
+def add_matched_baselines(recipes: Sequence[Recipe], budget: str | None = None, matched: bool = True) -> list[Recipe]:
     """`recipes` with a budget-matched baseline `baseline@<name>` right after each recipe but the baseline,
     the re-invested ones and those already matched: the baseline recipe's components, run after both
     (same seed) with the technique's measured spend as its budget. The recipes given the baseline's spend
-    (all under `budget`, those with `reinvest`) run after it. Without a baseline recipe: unchanged."""
+    (all under `budget`, those with `reinvest`) run after it. Without a baseline recipe: unchanged;
+    `matched=False`: no matched baselines."""
     base = next((r for r in recipes if r.name == REFERENCE), None)
     if base is None:
         return list(recipes)
@@ -787,7 +788,7 @@ def add_matched_baselines(recipes: Sequence[Recipe], budget: str | None = None) 
             recipe = replace(recipe, after=(*recipe.after, REFERENCE))
         out.append(recipe)
         name = MATCHED + recipe.name
-        if recipe is base or recipe.matches or recipe.reinvests or name in names:
+        if not matched or recipe is base or recipe.matches or recipe.reinvests or name in names:
             continue
         out.append(Recipe(name, base.callbacks, f"the baseline given {recipe.name}'s measured spend, its schedule "
                           "decayed to the end", after=(recipe.name, REFERENCE), components=base.components,
