@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from .core.residual import ResidualBlock
+
 __all__ = [
     "ArrayDataset",
     "DatasetUnavailable",
@@ -40,6 +42,8 @@ __all__ = [
     "mnist1d",
     "pysource",
     "read_idx",
+    "resnet_small",
+    "ResNetSmall",
     "small_model",
 ]
 
@@ -605,7 +609,12 @@ class CharTransformer(nn.Module):
         return self.head(self.norm(h))
 
 
-class _Block(nn.Module):
+class _Block(ResidualBlock):
+    """A pre-norm transformer layer as one residual block: `h + branch(h)` with
+    `branch(h) = a + mlp(norm2(h + a))`, `a = proj(attention(norm1(h)))` (the usual two residual adds).
+    Zeroing `proj` and the MLP's last Linear makes it the identity (Fixup, growth); the MLP's hidden
+    width can grow (Net2WiderNet)."""
+
     def __init__(self, d_model: int, n_head: int, dropout: float):
         super().__init__()
         self.n_head, self.dropout = n_head, dropout
@@ -614,13 +623,22 @@ class _Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model),
                                  nn.Dropout(dropout))
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def branch(self, h: torch.Tensor) -> torch.Tensor:
         n, t, d = h.shape
         q, k, v = self.qkv(self.norm1(h)).view(n, t, 3, self.n_head, d // self.n_head).permute(2, 0, 3, 1, 4)
         a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                        dropout_p=self.dropout if self.training else 0.0)
-        h = h + self.proj(a.transpose(1, 2).reshape(n, t, d))
-        return h + self.mlp(self.norm2(h))
+        a = self.proj(a.transpose(1, 2).reshape(n, t, d))
+        return a + self.mlp(self.norm2(h + a))
+
+    def branch_layers(self) -> list[nn.Module]:
+        return [self.qkv, self.proj, self.mlp[0], self.mlp[2]]
+
+    def last_layers(self) -> list[nn.Module]:
+        return [self.proj, self.mlp[2]]
+
+    def widen_pairs(self):
+        return [(self.mlp[0], [], self.mlp[2])]
 
 
 def char_transformer(vocab: int, d_model: int = 128, n_layer: int = 2, n_head: int = 4, max_len: int = 256,
@@ -664,3 +682,68 @@ def small_model(task: TaskData, width: int | None = None) -> nn.Module:
         nn.ReLU(inplace=True),
         nn.Linear(width, task.n_classes),
     )
+
+
+class _PreActBlock(ResidualBlock):
+    """Pre-activation ResNet basic block (He et al. 2016, "Identity mappings"): `shortcut(x) + branch(x)`
+    with `branch = BN-ReLU-conv3x3-BN-ReLU-conv3x3` and a strided 1x1 conv shortcut when the shape changes.
+    The sum is not followed by a ReLU, so a zero branch is exactly the identity (stochastic depth, growth)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1, hidden: int | None = None):
+        super().__init__()
+        hidden = hidden or c_out
+        self.bn1, self.conv1 = nn.BatchNorm2d(c_in), nn.Conv2d(c_in, hidden, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(hidden), nn.Conv2d(hidden, c_out, 3, 1, 1, bias=False)
+        self.down = None if stride == 1 and c_in == c_out else nn.Conv2d(c_in, c_out, 1, stride, bias=False)
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(torch.relu(self.bn1(x)))
+        return self.conv2(torch.relu(self.bn2(h)))
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.down is None else self.down(x)
+
+    @property
+    def identity_shortcut(self) -> bool:
+        return self.down is None
+
+    def branch_layers(self) -> list[nn.Module]:
+        return [self.conv1, self.conv2]
+
+    def widen_pairs(self):
+        return [(self.conv1, [self.bn2], self.conv2)]
+
+
+class ResNetSmall(nn.Module):
+    """A small pre-activation ResNet: a 3x3 stem conv, stages of `_PreActBlock`s (the first block of each
+    later stage halves the resolution and doubles the channels), BN-ReLU, global pooling, a linear head."""
+
+    def __init__(self, c_in: int, n_classes: int, width: int = 16, stages: Sequence[int] = (2, 2),
+                 first_stride: int = 1):
+        super().__init__()
+        if not stages or any(not isinstance(n, int) or n < 1 for n in stages):
+            raise ValueError(f"stages must be a non-empty sequence of positive ints (blocks per stage), got {stages}")
+        self.stem = nn.Conv2d(c_in, width, 3, first_stride, 1, bias=False)
+        blocks, c = [], width
+        for i, n in enumerate(stages):
+            c_out = width * 2 ** i
+            for j in range(n):
+                blocks.append(_PreActBlock(c, c_out, stride=2 if i > 0 and j == 0 else 1))
+                c = c_out
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(c, n_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)))
+
+
+def resnet_small(task: TaskData, width: int = 16, stages: Sequence[int] = (2, 2)) -> ResNetSmall:
+    """A small pre-activation ResNet for an image `task` (input (C, H, W)): `stages` blocks per stage, `width`
+    channels in the first (doubled per stage). Built from residual blocks, so stochastic depth, residual
+    gates, Fixup and growth apply to it. Images larger than 16 px start with a stride-2 stem."""
+    shape = tuple(task.input_shape)
+    if len(shape) != 3:
+        raise ValueError(f"resnet_small needs an image task (input (C, H, W)); {task.name} has input {shape}")
+    c, h, w = shape
+    return ResNetSmall(c, task.n_classes, width, stages, first_stride=2 if min(h, w) > 16 else 1)

@@ -32,9 +32,17 @@ TASK_KINDS = ("tabular", "image", "sequence")
 TECHNIQUES: dict[str, Technique] = {}
 
 
+def _origin(make: Callable) -> tuple:
+    return getattr(make, "__module__", None), getattr(make, "__qualname__", None)
+
+
 def register(name: str, make: Callable, category: str, stateful: bool = False, task: str = "tabular") -> None:
-    if name in TECHNIQUES and TECHNIQUES[name].make is not make:
-        raise ValueError(f"technique {name!r} is already registered")
+    # Re-importing the registering module (`importlib.reload`, `%autoreload`) makes a new `make` of the same
+    # origin: it replaces the old one. Another module claiming the name is an error.
+    if name in TECHNIQUES and _origin(TECHNIQUES[name].make) != _origin(make):
+        old = TECHNIQUES[name].make
+        raise ValueError(f"technique {name!r} is already registered by {old.__module__}.{old.__qualname__}: "
+                         "pick another name")
     if task not in TASK_KINDS:
         raise ValueError(f"technique {name!r}: task must be one of {TASK_KINDS}, got {task!r}")
     TECHNIQUES[name] = Technique(name, make, category, stateful, task)

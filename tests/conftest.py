@@ -14,8 +14,6 @@ from torch import nn
 torch.set_num_threads(1)
 
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
-warnings.filterwarnings("ignore", message=".*CUDA is not available.*")
-warnings.filterwarnings("ignore", message=".*device_type of 'cuda'.*")
 
 
 def make_arrays(n: int = 512, dim: int = 12, classes: int = 4, seed: int = 0):

@@ -6,6 +6,7 @@ Two-process DDP for stateful techniques lives in tests/distributed.
 
 from __future__ import annotations
 
+import inspect
 import pickle
 
 import pytest
@@ -32,6 +33,23 @@ def test_registry_is_not_empty():
     assert {"infobatch", "random_prune"} <= set(NAMES)
 
 
+def test_reimporting_a_technique_module_registers_it_again():
+    """`importlib.reload` (what `%autoreload` does) runs the module's `register` calls again: no "already
+    registered" (in a fresh process: a reload replaces classes other tests hold). Another module's claim on a
+    registered name is still an error."""
+    import subprocess
+    import sys
+
+    code = ("import importlib, effilab.data.infobatch as m, effilab.optim.averaging as a, effilab.callback as c\n"
+            "for mod in (m, a, c, m): importlib.reload(mod)\n"
+            "from effilab.registry import TECHNIQUES, register\n"
+            "assert TECHNIQUES['infobatch'].make.__module__ == m.__name__\n"
+            "try:\n    register('infobatch', lambda: None, 'data')\nexcept ValueError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "already registered by effilab.data.infobatch" in out.stdout
+
+
 def test_a_technique_names_a_known_kind_of_learner():
     from effilab.registry import TASK_KINDS, register
 
@@ -46,7 +64,8 @@ def test_a_technique_names_a_known_kind_of_learner():
 
 
 class _CpuBf16(Callback):
-    """Mixed precision on the CPU (fastai's MixedPrecision targets CUDA): bf16 autocast around the forward."""
+    """Mixed precision on the CPU (fastai's MixedPrecision autocasts for CUDA only: on the CPU it runs in fp32):
+    bf16 autocast around the forward and the loss, as MixedPrecision does on CUDA."""
 
     order = 10
 
@@ -55,7 +74,39 @@ class _CpuBf16(Callback):
         self.ctx.__enter__()
 
     def after_loss(self):
-        self.ctx.__exit__(None, None, None)
+        self._exit()
+
+    def after_cancel_batch(self):
+        self._exit()
+
+    def after_fit(self):
+        self._exit()
+
+    after_cancel_fit = after_fit
+
+    def _exit(self):
+        if getattr(self, "ctx", None) is not None:
+            self.ctx.__exit__(None, None, None)
+            self.ctx = None
+
+
+class _ForwardDtypes(Callback):
+    """The dtypes of the outputs of the model's layers with weights, in training batches."""
+
+    def __init__(self):
+        self.dtypes = set()  # over every fit (validate() fires before_fit too)
+
+    def before_fit(self):
+        self.hooks = [m.register_forward_hook(self._hook) for m in self.learn.model.modules()
+                      if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+
+    def _hook(self, module, args, out):
+        if module.training and isinstance(out, torch.Tensor):
+            self.dtypes.add(out.dtype)
+
+    def after_fit(self):
+        for h in self.hooks:
+            h.remove()
 
 
 def _fit_ok(learn, epochs=2):
@@ -107,11 +158,21 @@ def test_export_and_pickle(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("precision", ["fastai_mixed_precision", "cpu_bf16_autocast"])
+@pytest.mark.parametrize("precision", [
+    pytest.param("fastai_mixed_precision_cuda", marks=pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="fastai's MixedPrecision autocasts on CUDA only")),
+    "cpu_bf16_autocast"])
 def test_with_mixed_precision(name, precision):
-    extra = MixedPrecision() if precision == "fastai_mixed_precision" else _CpuBf16()
-    learn = _learner(name, [TECHNIQUES[name].make(), extra])
+    """The forward really runs in reduced precision (the layers with weights return fp16/bf16)."""
+    dtypes = _ForwardDtypes()
+    extra = MixedPrecision() if precision == "fastai_mixed_precision_cuda" else _CpuBf16()
+    learn = _learner(name, [TECHNIQUES[name].make(), extra, dtypes])
+    if precision == "fastai_mixed_precision_cuda":
+        learn.dls.to("cuda")
+        learn.model.cuda()
     _fit_ok(learn)
+    expected = torch.float16 if precision == "fastai_mixed_precision_cuda" else torch.bfloat16
+    assert expected in dtypes.dtypes, f"the forward ran in {dtypes.dtypes}, not {expected}"
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -129,3 +190,119 @@ def test_all_techniques_together(name):
               if o != name and TECHNIQUES[o].category != "data" and TECHNIQUES[o].task in ("tabular", task)]
     learn = _learner(name, [TECHNIQUES[name].make(), *others])
     _fit_ok(learn)
+
+
+class _Snapshot(Callback):
+    """The model's raw weights at the start of each training batch and of each validation (before any other
+    callback's handler runs): what an interrupted fit must leave in the model."""
+
+    order = -1000
+
+    def before_batch(self):
+        if self.training:
+            self.raw = params_of(self.learn)
+
+    def before_validate(self):
+        self.raw = params_of(self.learn)
+
+
+class _Interrupt(Callback):
+    """Raises `exc` at `event` of the second training batch (or the first validation batch) of the last
+    epoch (2) of a 3-epoch fit, after every other callback's handler of that event."""
+
+    order = 1000
+
+    def __init__(self, event: str, phase: str, exc: type[BaseException]):
+        self.event, self.phase, self.exc, self.batches = event, phase, exc, 0
+
+    def __call__(self, event_name):
+        super().__call__(event_name)
+        if event_name != self.event or self.learn.epoch != 2 or self.training != (self.phase == "train"):
+            return
+        self.batches += 1
+        if self.batches == (2 if self.phase == "train" else 1):
+            raise self.exc(f"interrupted at {self.event} ({self.phase})")
+
+
+def _learner_state(learn) -> dict:
+    """What a fit must leave as it found it (compared by identity where a technique could swap the object)."""
+    model = learn.model
+    return {
+        "loss_func": learn.loss_func, "opt_func": learn.opt_func, "model": model,
+        "dls.train": learn.dls.train, "dls.valid": learn.dls.valid,
+        "dls.train.bs": learn.dls.train.bs, "dls.valid.bs": learn.dls.valid.bs,
+        "modules": [(n, type(m).__name__) for n, m in model.named_modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "callbacks": [type(cb).__name__ for cb in learn.cbs],
+    }
+
+
+def _changes(before: dict, after: dict) -> list[str]:
+    out = []
+    for key, old in before.items():
+        new = after[key]
+        same = new is old if key in ("loss_func", "opt_func", "model", "dls.train", "dls.valid") else new == old
+        if not same:
+            out.append(f"{key}: {old!r} -> {new!r}")
+    return out
+
+
+INTERRUPTIONS = {  # name: (event, phase, exception)
+    "error_in_train_batch": ("after_loss", "train", RuntimeError),
+    "error_before_step": ("before_step", "train", RuntimeError),
+    "ctrl_c_in_validation": ("after_pred", "valid", KeyboardInterrupt),
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("attached", ["learn.cbs", "fit(cbs=...)"])
+@pytest.mark.parametrize("interruption", sorted(INTERRUPTIONS))
+def test_an_interrupted_fit_leaves_the_learner_as_it_found_it(name, attached, interruption, request):
+    if name == "dashboard" and attached == "fit(cbs=...)":
+        request.applymarker(pytest.mark.xfail(strict=True, reason="the Dashboard adds FitRecorder and SystemMonitor "
+                                              "to learn.cbs for good, even when it was passed to fit(cbs=...)"))
+    event, phase, exc = INTERRUPTIONS[interruption]
+    technique, snapshot = TECHNIQUES[name].make(), _Snapshot()
+    learn = _learner(name, [technique] if attached == "learn.cbs" else [], n=128)
+    before = _learner_state(learn)
+    extra = [snapshot, _Interrupt(event, phase, exc)]
+    with pytest.raises(exc, match="interrupted at"):
+        learn.fit_one_cycle(3, 1e-2, cbs=extra if attached == "learn.cbs" else [technique, *extra])
+    where = f"{name} ({attached}, {exc.__name__} at {event} of a {phase} batch)"
+    changed = _changes(before, _learner_state(learn))
+    assert not changed, f"{where} left the Learner changed: " + "; ".join(changed)
+    diff = (params_of(learn) - snapshot.raw).abs().max()
+    assert diff == 0, f"{where} left other weights in the model than the raw ones at the interruption (max diff {diff})"
+    learn.fit(1, 1e-3)  # a plain fit works on the same Learner
+    assert torch.isfinite(torch.tensor(learn.recorder.values[-1][0])), f"{where}: the next fit's loss is not finite"
+
+
+_WRONG = ["no", "0.5", 1.5, float("nan"), True, None, 1]
+_FITS = {"bool": lambda v: type(v) is bool, "int": lambda v: type(v) is int, "str": lambda v: isinstance(v, str),
+         "float": lambda v: type(v) in (int, float) and v == v, "None": lambda v: v is None}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_constructors_reject_arguments_of_the_wrong_type(name, request):
+    """`EMA(warmup="no")`, `SelectiveBackprop(stale="no")`, `InfoBatch(seed=1.5)`...: an error, not a coercion.
+    Each argument annotated `bool`, `float`, `int` or `str` (or a union of them and None) gets every value of
+    another type."""
+    from effilab.callback import ArgumentTypeError, EffilabCallback
+
+    cls = type(TECHNIQUES[name].make())
+    if not issubclass(cls, EffilabCallback):
+        request.applymarker(pytest.mark.xfail(strict=True, reason=f"{cls.__name__} is no EffilabCallback, whose "
+                                              "constructors check their arguments' types"))
+    params = [p for p in inspect.signature(cls.__init__).parameters.values() if p.name != "self"]
+    tried = 0
+    for param in params:
+        ann = param.annotation
+        kinds = [k.strip() for k in ann.split("|")] if isinstance(ann, str) else []
+        if not kinds or not set(kinds) <= set(_FITS):
+            continue
+        for value in _WRONG:
+            if not any(_FITS[k](value) for k in kinds):
+                with pytest.raises(ArgumentTypeError, match=param.name):
+                    cls(**{param.name: value})
+                tried += 1
+    assert tried or not params, f"{cls.__name__}: no annotated argument to check"

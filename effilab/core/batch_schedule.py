@@ -10,10 +10,30 @@ a learning rate at its peak. Plain Python: no fastai, no device.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from fractions import Fraction
 
-__all__ = ["HoldPeak", "batch_size_at", "batch_sizes", "check_batch_schedule", "linear_scaling",
-           "planned_curve", "scaled_lr_and_warmup"]
+__all__ = ["HoldPeak", "batch_size_at", "batch_sizes", "check_batch_schedule", "exact", "floor_times",
+           "linear_scaling", "planned_curve", "round_times", "scaled_lr_and_warmup"]
+
+
+def exact(x) -> Fraction:
+    """`x` as the rational number it is written as: 0.7 is 7/10, not the binary float just below it, so
+    that a boundary `fraction * count` lands where the decimal says (0.7 * 90 is 63, not 62.99...)."""
+    if isinstance(x, (Fraction, int)):
+        return Fraction(x)
+    return Fraction(repr(float(x)))
+
+
+def floor_times(fraction, count: int) -> int:
+    """floor(`fraction` * `count`), exactly."""
+    return math.floor(exact(fraction) * count)
+
+
+def round_times(fraction, count: int) -> int:
+    """round(`fraction` * `count`) (halves to even, as Python's `round`), exactly."""
+    return round(exact(fraction) * count)
 
 
 def check_batch_schedule(milestones: Sequence[float], factor: float | None = None,
@@ -46,9 +66,9 @@ def check_batch_schedule(milestones: Sequence[float], factor: float | None = Non
 def batch_size_at(epoch: int, n_epoch: int, base_bs: int, milestones: Sequence[float], factor: float = 2.0,
                   sizes: Sequence[int] | None = None) -> int:
     """The batch size of `epoch` (0-based) of an `n_epoch` fit: the phase is the number of milestones at or
-    before the epoch's start (`epoch / n_epoch >= m`); the size is `sizes[phase]`, else
-    `round(base_bs * factor ** phase)`."""
-    phase = sum(epoch >= m * n_epoch for m in milestones)
+    before the epoch's start (`epoch / n_epoch >= m`, exactly: milestone m switches at epoch ceil(m * n_epoch),
+    0.55 of 100 epochs at epoch 55); the size is `sizes[phase]`, else `round(base_bs * factor ** phase)`."""
+    phase = sum(epoch >= exact(m) * n_epoch for m in milestones)
     return int(sizes[phase]) if sizes is not None else max(1, round(base_bs * factor ** phase))
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .batch_schedule import exact
 from .infobatch import EpochPlan, _generator, _histogram
 
 __all__ = [
@@ -36,9 +37,9 @@ N_PCT = 201  # points of a planned curve: pct = k/200, as effilab.system.fit_rec
 
 def _ramp(pct: float, ramp_end: float) -> float:
     """0 -> 1 linearly over [0, ramp_end], then 1."""
-    if ramp_end <= 0.0:
-        return 1.0
-    return min(1.0, max(0.0, pct) / ramp_end)
+    if ramp_end <= 0:
+        return 1
+    return min(1, max(0, pct) / ramp_end)  # exact for Fractions
 
 
 def _round_to(value: float, multiple: int, lo: int, hi: int) -> int:
@@ -94,8 +95,9 @@ def truncate_batch(t: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def pacing_fraction(pct: float, start_frac: float, full_at: float) -> float:
-    """Fraction of the training set an epoch starting at `pct` uses: `start_frac` -> 1 by `full_at`."""
-    return start_frac + (1.0 - start_frac) * _ramp(pct, full_at)
+    """Fraction of the training set an epoch starting at `pct` uses: `start_frac` -> 1 by `full_at`
+    (exact when given `fractions.Fraction`s)."""
+    return start_frac + (1 - start_frac) * _ramp(pct, full_at)
 
 
 def easy_plan(scores: torch.Tensor, frac: float, epoch: int, seed: int) -> EpochPlan:
@@ -104,7 +106,7 @@ def easy_plan(scores: torch.Tensor, frac: float, epoch: int, seed: int) -> Epoch
     `threshold` is the highest kept score. All on the scores' device; one sort, no host read.
     """
     n = scores.numel()
-    k = max(1, min(n, math.ceil(frac * n - 1e-9)))
+    k = max(1, min(n, math.ceil(exact(frac) * n)))
     device = scores.device
     order = torch.sort(scores, stable=True).indices
     chosen = order[:k]

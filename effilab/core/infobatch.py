@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from .batch_schedule import floor_times, round_times
 from .distributed import is_distributed
 
 __all__ = [
@@ -223,7 +224,7 @@ def random_plan(n: int, fraction: float, epoch: int, seed: int, annealing: bool 
     """The Random* baseline: drop a uniformly random `fraction` of the data this epoch, weights 1."""
     device = torch.device(device)
     gen = _generator(device, seed, epoch)
-    n_keep = n if annealing else n - int(round(fraction * n))
+    n_keep = n if annealing else n - round_times(fraction, n)
     indices = torch.randperm(n, generator=gen, device=device)[:n_keep]
     zero = torch.zeros((), dtype=torch.int64, device=device)
     counts = torch.stack([zero + n_keep, zero + (n - n_keep), zero])
@@ -265,8 +266,9 @@ class InfoBatchPruner:
 
     @property
     def anneal_epoch(self) -> int:
-        """First epoch trained on the full data with unit weights: floor(delta * num_epochs)."""
-        return math.floor(self.delta * self.num_epochs)
+        """First epoch trained on the full data with unit weights: floor(delta * num_epochs), exactly
+        (delta=0.7 of 90 epochs: 63)."""
+        return floor_times(self.delta, self.num_epochs)
 
     def start_epoch(self, epoch: int | None = None) -> EpochPlan:
         """Plan `epoch` (default: the one after the current plan). Idempotent for the current epoch."""
@@ -292,7 +294,13 @@ class InfoBatchPruner:
             raise ValueError(f"got losses of shape {tuple(losses.shape)} for {idx.numel()} indices: "
                              "pass one loss per sample (reduction='none')")
         self.table.update(idx, losses)
-        return self.plan.weights.index_select(0, idx).to(losses.dtype)
+        return self.weights_for(idx).to(losses.dtype)
+
+    def weights_for(self, idx: torch.Tensor) -> torch.Tensor:
+        """This epoch's loss weights of samples `idx`, recording nothing (no host sync)."""
+        if self.plan is None:
+            raise RuntimeError("no epoch is planned yet: iterate the sampler or call start_epoch() first")
+        return self.plan.weights.index_select(0, idx.to(self.table.device, non_blocking=True).long().reshape(-1))
 
     def state_dict(self) -> dict:
         plan = None

@@ -142,7 +142,10 @@ class SharpnessAwareGradient:
             return
         stored = self._sharpness_grad_for(params)
         direction = [stored[i] for i in with_grad]
-        scale = self.alpha * norm / get_total_norm(direction).clamp_min(torch.finfo(norm.dtype).tiny)
+        total = get_total_norm(direction)
+        # A zero direction (none stored yet for these parameters, e.g. after model growth) adds nothing; the
+        # clamp alone would give 0 * inf = nan.
+        scale = torch.where(total > 0, self.alpha * norm / total.clamp_min(torch.finfo(norm.dtype).tiny), 0.0)
         torch._foreach_add_(grads, torch._foreach_mul(direction, scale))
 
     def _sharpness_grad_for(self, params) -> list[torch.Tensor]:

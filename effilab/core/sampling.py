@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .batch_schedule import round_times
 from .distributed import is_distributed
 from .infobatch import EpochPlan, _generator, _histogram, random_plan
 
@@ -71,7 +72,7 @@ def importance_plan(scores: torch.Tensor, epoch: int, seed: int, uniform: float,
     full-data mean gradient. Before any score exists (`scored=False`) the epoch is a uniform shuffle of
     the same size, with weights 1."""
     n = scores.numel()
-    m = max(1, round(draws * n))
+    m = max(1, round_times(draws, n))
     if not scored:
         plan = random_plan(n, 1.0 - m / n, epoch, seed, device=scores.device)
         one = torch.ones((), device=scores.device)
@@ -191,7 +192,7 @@ def el2n(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def hardest(scores: torch.Tensor, fraction: float) -> torch.Tensor:
     """The indices of the N - round(fraction * N) highest scores (ties: the lower index first)."""
-    n_keep = scores.numel() - round(fraction * scores.numel())
+    n_keep = scores.numel() - round_times(fraction, scores.numel())
     return scores.sort(descending=True, stable=True).indices[:n_keep]
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import torch
 
+from ..core.batch_schedule import exact, floor_times
 from ..core.curriculum import easy_plan, pacing_fraction, planned_curve
 from ..core.infobatch import EpochPlan, derive_seed, random_plan
 from ..registry import register
@@ -64,7 +67,7 @@ class EasyToHard(ScoredPlanCallback):
         """The fraction of the training set epoch `epoch` of `n_epoch` uses (1 until scores exist)."""
         if not self.scored and epoch == self._first_epoch:
             return 1.0
-        return pacing_fraction(epoch / n_epoch, self.start_frac, self.full_at)
+        return pacing_fraction(Fraction(epoch, n_epoch), exact(self.start_frac), exact(self.full_at))
 
     def setup(self, n_samples: int) -> None:
         self.setup_table(n_samples)
@@ -73,7 +76,7 @@ class EasyToHard(ScoredPlanCallback):
         self._first_epoch = self.learn.epoch
         n_epoch = self.learn.n_epoch
         tel = self.telemetry
-        curve = planned_curve(lambda p: self.fraction_at(min(int(p * n_epoch), n_epoch - 1), n_epoch))
+        curve = planned_curve(lambda p: float(self.fraction_at(min(floor_times(p, n_epoch), n_epoch - 1), n_epoch)))
         tel.set_meta("schedule", planned=tel.meta("schedule").get("planned", {}) | {"data_frac": curve})
 
     def make_plan(self, epoch: int) -> EpochPlan:
@@ -87,8 +90,7 @@ class EasyToHard(ScoredPlanCallback):
         return plan
 
     def weigh(self, losses: torch.Tensor, pred, *yb) -> torch.Tensor:
-        """Record this batch's per-sample losses as scores; every sample counts once (device ops only)."""
-        self.score(losses)
+        """Every sample counts once (the scores are written in `record`)."""
         return torch.ones_like(losses)
 
 

@@ -67,7 +67,7 @@ class ImportanceSampling(ScoredPlanCallback):
         return importance_plan(self.table.scores, epoch, self.plan_seed, self.uniform, self.draws, self.scored)
 
     def weigh(self, losses: torch.Tensor, pred=None, *yb) -> torch.Tensor:
-        idx = self.score(losses)
+        idx = self.plan_dl.batch_idx.to(self.plan.weights.device, non_blocking=True)
         return self.plan.weights.index_select(0, idx).to(losses.dtype)
 
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from ..core.batch_schedule import floor_times
 from ..core.infobatch import EpochPlan, InfoBatchPruner, check_ratio_delta, derive_seed, random_plan
 from ..registry import register
 from .pruning import EpochPruningCallback, WeightedLoss, WeightedPlanCallback
@@ -91,8 +90,11 @@ class InfoBatch(WeightedPlanCallback):
         super().after_train()
 
     def weigh(self, losses: torch.Tensor, pred=None, *yb) -> torch.Tensor:
-        """Record this batch's per-sample losses; return their weights (device ops only)."""
-        return self.pruner.weights_of(losses, self.plan_dl.batch_idx)
+        """This batch's loss weights (device ops only)."""
+        return self.pruner.weights_for(self.plan_dl.batch_idx).to(losses.dtype)
+
+    def record(self, scores: torch.Tensor) -> None:
+        self.pruner.table.update(self.plan_dl.batch_idx, scores)
 
     def state_dict(self) -> dict:
         return super().state_dict() | {"pruner": None if self.pruner is None else self.pruner.state_dict()}
@@ -136,7 +138,7 @@ class RandomPrune(EpochPruningCallback):
         self.plan_seed = derive_seed(self.seed, self.fit_count)
 
     def make_plan(self, epoch: int) -> EpochPlan:
-        annealing = epoch >= math.floor(self.delta * self.learn.n_epoch)
+        annealing = epoch >= floor_times(self.delta, self.learn.n_epoch)
         return random_plan(self.n_samples, self.fraction, epoch, self.plan_seed, annealing)
 
 

@@ -13,7 +13,7 @@ from fastai.data.load import DataLoader, _FakeLoader
 from fastai.torch_core import find_bs
 from fastcore.xtras import chunked
 
-from ..callback import EffilabCallback, per_sample_losses
+from ..callback import EffilabCallback, per_sample_loss_parts
 from ..core.distributed import all_reduce_sum, broadcast_from_rank0
 from ..core.infobatch import EpochPlan, ScoreTable
 
@@ -185,17 +185,23 @@ class EpochPruningCallback(EffilabCallback):
 class WeightedPlanCallback(EpochPruningCallback):
     """An epoch-plan callback whose training loss is weighted per sample (`WeightedLoss`).
 
-    Subclasses implement `weigh(losses, pred, *yb)`: it sees each training batch's per-sample losses
-    (and the predictions and targets, e.g. for EL2N scores), records what it needs on the device and
-    returns the batch's loss weights. The reported training loss is the weight-normalised mean.
+    Subclasses implement `weigh(losses, pred, *yb)`, which returns each training batch's loss weights
+    (device ops only), and `record(scores)`, which receives once per training batch each sample's loss
+    as trained on: its own-label loss, or with fastai's `MixUp`/`CutMix` (which call the loss twice, with
+    the partner's labels then the sample's own, and lerp the two) the mixed loss. The reported training
+    loss is the weight-normalised mean.
     """
 
     def __init__(self, delta: float, seed: int | None):
         super().__init__(delta, seed)
-        self._reported: torch.Tensor | None = None
+        self._wrapper: WeightedLoss | None = None
+        self._calls: list | None = None  # this batch's (sums, counts, weights), open from after_pred to after_loss
 
     def weigh(self, losses: torch.Tensor, pred, *yb) -> torch.Tensor:
         raise NotImplementedError
+
+    def record(self, scores: torch.Tensor) -> None:
+        """This training batch's per-sample losses (detached), once per batch."""
 
     @property
     def weighs_loss(self) -> bool:
@@ -205,25 +211,68 @@ class WeightedPlanCallback(EpochPruningCallback):
     def before_train(self):
         super().before_train()
         if self.active and self.weighs_loss:
-            self.learn.loss_func = WeightedLoss(self.learn.loss_func, self)
+            self._unwrap()
+            self._wrapper = self.learn.loss_func = WeightedLoss(self.learn.loss_func, self)
+
+    def after_pred(self):
+        if self.active and self.training:
+            self._calls = []
 
     def after_loss(self):
-        if self._reported is not None:
-            self.learn.loss = self._reported
-            self._reported = None
+        calls, self._calls = self._calls, None
+        if calls:
+            scores, weights, counts = self._mixed(calls)
+            self.record(scores)
+            if self._wrapper is not None and self._wrapper.base_reduction == "mean":
+                # the weight-normalised mean estimates the full-data loss (kept samples are enriched in hard ones)
+                self.learn.loss = ((scores * counts * weights).sum() / (counts * weights).sum()).detach()
+
+    def after_cancel_batch(self):
+        self._calls = None
+
+    def _mixed(self, calls):
+        """Per-sample (loss trained on, weight, element count) from this batch's loss calls."""
+        (sums, counts, weights), *rest = calls
+        scores = sums / counts.clamp_min(1)
+        if not rest:
+            return scores, weights, counts
+        from fastai.callback.mixup import MixHandler
+
+        mixer = next((cb for cb in self.learn.cbs if isinstance(cb, MixHandler)), None)
+        if mixer is None or len(rest) != 1:
+            raise RuntimeError(f"{type(self).__name__}: the loss was called {len(calls)} times in one training batch; "
+                               "effilab knows how to combine fastai's MixUp/CutMix's two calls only (partner "
+                               "labels, then own labels)")
+        own_sums, own_counts, _ = rest[0]
+        lam = mixer.lam.to(scores.dtype).reshape(-1) if torch.is_tensor(mixer.lam) else mixer.lam
+        return torch.lerp(scores, own_sums / own_counts.clamp_min(1), lam), weights, own_counts
+
+    def _unwrap(self):
+        wrapper, lf = self._wrapper, self.learn.loss_func
+        if wrapper is None:
+            return
+        if lf is wrapper:
+            self.learn.loss_func = wrapper.loss_func
+        else:  # a MixUp/CutMix on top restores its saved loss after this callback's handler: unwrap that one
+            for cb in self.learn.cbs:
+                if getattr(cb, "old_lf", None) is wrapper:
+                    cb.old_lf = wrapper.loss_func
+        self._wrapper = None
 
     def _deactivate(self):
-        lf = self.learn.loss_func
-        if isinstance(lf, WeightedLoss):  # also after an interrupted fit
-            self.learn.loss_func = lf.loss_func
-        self._reported = None
+        if getattr(self, "learn", None) is not None:
+            self._unwrap()
+        self._calls = None
         super()._deactivate()
+
+    def after_cancel_fit(self):
+        self._deactivate()
 
 
 class ScoredPlanCallback(WeightedPlanCallback):
     """A `WeightedPlanCallback` that keeps every training sample's latest loss (or its EMA with
-    `momentum`) in a device-resident `ScoreTable` across epochs and fits: written in `weigh` (through
-    `score`), merged across ranks at each epoch end, carried by checkpoints. `scored` says whether the
+    `momentum`) in a device-resident `ScoreTable` across epochs and fits: written once per batch in
+    `record`, merged across ranks at each epoch end, carried by checkpoints. `scored` says whether the
     table holds losses yet (one training epoch done, in this or an earlier fit)."""
 
     def __init__(self, delta: float, seed: int | None, momentum: float | None):
@@ -246,11 +295,9 @@ class ScoredPlanCallback(WeightedPlanCallback):
         else:
             self.table.to(device)
 
-    def score(self, losses: torch.Tensor) -> torch.Tensor:
-        """Write this batch's per-sample losses into the table; returns the batch's sample indices."""
-        idx = self.plan_dl.batch_idx.to(self.table.device, non_blocking=True)
-        self.table.update(idx, losses)
-        return idx
+    def record(self, scores: torch.Tensor) -> None:
+        """Write this batch's per-sample losses into the table."""
+        self.table.update(self.plan_dl.batch_idx, scores)
 
     def after_train(self):
         if self.active:
@@ -273,7 +320,7 @@ class ScoredPlanCallback(WeightedPlanCallback):
 
 class WeightedLoss:
     """The Learner's loss while a `WeightedPlanCallback` trains: per-sample losses -> the callback's
-    `weigh` -> weighted reduction.
+    weights -> the wrapped loss's own reduction, exactly ('mean' over the elements that count, 'sum').
 
     Behaves like the wrapped loss (same `reduction`, `activation`, `decodes`, `y_int`), so `MixUp`
     and `get_preds` work on top of it. Outside the callback's training batches it is the wrapped loss.
@@ -281,24 +328,25 @@ class WeightedLoss:
 
     def __init__(self, loss_func, cb: WeightedPlanCallback):
         self.loss_func, self.cb = loss_func, cb
-        self.reduction = getattr(loss_func, "reduction", "mean")
+        self.base_reduction = self.reduction = getattr(loss_func, "reduction", "mean")
         self.y_int = getattr(loss_func, "y_int", False)
 
     def __call__(self, pred, *yb, **kwargs):
         cb = self.cb
         if not (cb.active and cb.training) or cb.plan_dl is None or cb.plan_dl.batch_idx is None:
             return self.loss_func(pred, *yb, **kwargs)
-        losses = per_sample_losses(self.loss_func, pred, *yb, n=cb.plan_dl.batch_idx.numel())
-        weights = cb.weigh(losses, pred, *yb)
-        weighted = losses * weights
-        if self.reduction == "none":
-            return weighted
-        if self.reduction == "sum":
-            return weighted.sum()
-        # Reported loss: the weight-normalised mean estimates the full-data loss (kept samples are
-        # enriched in hard ones); the loss to backpropagate is the plain weighted mean, as in the paper.
-        cb._reported = (weighted.sum() / weights.sum()).detach()
-        return weighted.mean()
+        sums, counts = per_sample_loss_parts(self.loss_func, pred, *yb, n=cb.plan_dl.batch_idx.numel())
+        weights = cb.weigh(sums / counts.clamp_min(1), pred, *yb)
+        if cb._calls is not None:  # the batch's own forward (not a second pass such as SAM's)
+            cb._calls.append((sums.detach(), counts, weights))
+        weighted = sums * weights
+        if self.reduction == "sum" or (self.reduction == "none" and self.base_reduction == "sum"):
+            return weighted.sum() if self.reduction == "sum" else weighted
+        if self.reduction == "mean":
+            return weighted.sum() / counts.sum()
+        if self.base_reduction == "mean":  # asked for per-sample values (MixUp): their mean is the exact loss
+            return weighted * (counts.numel() / counts.sum())
+        return weighted / counts.clamp_min(1)
 
     def activation(self, x):
         return getattr(self.loss_func, "activation", lambda o: o)(x)

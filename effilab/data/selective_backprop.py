@@ -158,8 +158,10 @@ class SelectiveBackprop(WeightedPlanCallback):
             self.learn.loss = self._full_loss
 
     def weigh(self, losses: torch.Tensor, pred=None, *yb) -> torch.Tensor:
-        self.table.update(self.plan_dl.batch_idx, losses)
         return torch.ones_like(losses)
+
+    def record(self, scores: torch.Tensor) -> None:
+        self.table.update(self.plan_dl.batch_idx, scores)
 
     def after_batch(self):
         if self.active and self.training and self.stale:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..core.batch_schedule import round_times
 from ..core.curriculum import seq_len_at, truncate_batch
 from ..registry import register
 from .batch_schedule import BatchScheduleCallback
@@ -63,7 +64,7 @@ class SeqLenWarmup(BatchScheduleCallback):
         return int(x.shape[1])
 
     def size_at(self, pct, full):
-        start = self.start if isinstance(self.start, int) else max(1, round(self.start * full))
+        start = self.start if isinstance(self.start, int) else max(1, round_times(self.start, full))
         return seq_len_at(pct, full, start, self.warmup_frac, self.multiple)
 
     def units(self, size) -> int:

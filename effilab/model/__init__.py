@@ -1,4 +1,5 @@
-"""Model-centric techniques (survey category 2): how the model computes, and which of its parts train.
+"""Model-centric techniques (survey category 2): how the model computes, at which depth and width, how it
+starts, and which of its parts train.
 
 Submodules load on first use (they import fastai).
 """
@@ -15,6 +16,14 @@ _LAZY = {
     "DynamicSparse": "effilab.model.sparse",
     "RigL": "effilab.model.sparse",
     "SET": "effilab.model.sparse",
+    "StochasticDepth": "effilab.model.depth",
+    "ProgressiveLayerDrop": "effilab.model.depth",
+    "ResidualGates": "effilab.model.init",
+    "FixupInit": "effilab.model.init",
+    "LSUVInit": "effilab.model.init",
+    "WhitenFirstConv": "effilab.model.init",
+    "ModelGrowth": "effilab.model.growth",
+    "ModelWidening": "effilab.model.growth",
 }
 
 __all__ = sorted(_LAZY)

@@ -23,6 +23,7 @@ from ..core.averaging import (
     model_tensors,
     recompute_bn,
 )
+from ..core.batch_schedule import exact
 from ..core.distributed import collective_device, is_distributed
 from ..data.pruning import _unwrap_distributed
 from ..registry import register
@@ -101,6 +102,12 @@ class WeightAveraging(EffilabCallback):
         copy_tensors(current, self.averager.tensors())
         self.swapped = True
 
+    def after_model_change(self):
+        """The model's parameters changed in number or shape (model growth, inserted gates): the average starts
+        again from the model as it is now."""
+        if self.averager is not None and not self.swapped:
+            self.averager = self.make_averager(self.model).to(next(self.model.parameters()).device)
+
     def _swap_out(self):
         copy_tensors(model_tensors(self.model), self._stash)
         self.swapped = False
@@ -151,6 +158,11 @@ class WeightAveraging(EffilabCallback):
 
     def after_cancel_validate(self):
         self.after_validate()
+
+    def after_cancel_fit(self):
+        # Interrupted while validating the average (an error, Ctrl-C): the raw weights go back into the model.
+        self.after_validate()
+        self._validated_avg = self._in_epoch = False
 
     def after_epoch(self):
         if not self._in_epoch:
@@ -352,7 +364,7 @@ class SWA(WeightAveraging):
 
     def epoch_trained(self):
         self._bn_samples = 0
-        if self.learn.epoch + 1 >= self.start_frac * self.learn.n_epoch:
+        if self.learn.epoch + 1 >= exact(self.start_frac) * self.learn.n_epoch:  # 0.28 of 25: from epoch 6 (the 7th)
             self.averager.update(self.model)
             self._bn_fresh = False
 

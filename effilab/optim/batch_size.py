@@ -117,13 +117,18 @@ class BatchSizeSchedule(EffilabCallback):
                               steps=self.steps - self.cancelled, batches=self.steps)
 
     def after_fit(self):
-        if self.base_bs is None:
-            return
+        if self.base_bs is not None:
+            self._restore_bs()
+            self.fit_count += 1
+
+    def after_cancel_fit(self):
+        self.after_fit()  # on any interruption too: the loaders get their batch size back
+
+    def _restore_bs(self):
         for d in self._changed:
             d.bs = self.base_bs
         self.base_bs = self.bs = None
         self._changed = []
-        self.fit_count += 1
 
     def _record_step(self):
         self.telemetry.record("schedule", "step", iter=self.learn.train_iter, pct=float(self.learn.pct_train),

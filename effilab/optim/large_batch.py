@@ -24,7 +24,9 @@ class UseOptimizer(EffilabCallback):
     only when the Learner has none. So this callback sets `learn.opt_func` when it joins the Learner
     (`after_create`: the first `fit` and `learn.load(..., with_opt=True)` then build this optimizer) and,
     at `before_fit`, re-creates the optimizer if it is of another kind (a callback added later, or passed
-    to `fit(cbs=...)`), carrying over the learning rate `fit` set. The Learner keeps the new `opt_func`.
+    to `fit(cbs=...)`), carrying over the learning rate `fit` set. The Learner keeps the new `opt_func`
+    after a fit that ends; a fit interrupted (an error, Ctrl-C, `CancelFitException`) puts the Learner's
+    former `opt_func` and optimizer back.
     """
 
     order = -20  # before everything that reads the optimizer in before_fit
@@ -34,6 +36,7 @@ class UseOptimizer(EffilabCallback):
     def __init__(self, opt_func, step_marker, **hypers):
         self.opt_func = partial(opt_func, **hypers) if hypers else opt_func
         self.step_marker, self.hypers = step_marker, hypers
+        self._former = None  # (opt_func, opt) this fit replaced
 
     def after_create(self):
         self.learn.opt_func = self.opt_func
@@ -45,6 +48,9 @@ class UseOptimizer(EffilabCallback):
                                        for cb in getattr(opt, "cbs", ()))
 
     def before_fit(self):
+        self._former = None
+        if not self._is_ours():
+            self._former = (self.learn.opt_func, self.learn.opt)
         self.learn.opt_func = self.opt_func
         if self.learn.opt is not None and not self._is_ours():
             lrs = [h["lr"] for h in self.learn.opt.hypers]
@@ -54,6 +60,14 @@ class UseOptimizer(EffilabCallback):
                 self.learn.opt.set_hypers(wd=self.learn.wd)
         self.telemetry.set_meta(self.telemetry_name, name=self.opt_name,
                                 hypers={k: v for k, v in self.hypers.items() if isinstance(v, (int, float, bool))})
+
+    def after_fit(self):
+        self._former = None
+
+    def after_cancel_fit(self):
+        if self._former is not None:
+            self.learn.opt_func, self.learn.opt = self._former
+            self._former = None
 
 
 class LambOptimizer(UseOptimizer):

@@ -51,6 +51,12 @@ class _SharpnessAware(EffilabCallback):
         self._epoch_start = (self.sam.steps, self.sam.full_steps, self._extra_forward,
                              self._extra_samples)
 
+    def after_model_change(self):
+        """The model's parameters changed (model growth, inserted gates): the SAM step follows the new ones."""
+        if self.active and self._trainable:
+            self._trainable = [p for p in self.learn.model.parameters() if p.requires_grad]
+            self._bn_stats = batchnorm_buffers(self.learn.model)
+
     def after_pred(self):
         if self.active and self.training:
             # Autocast (MixedPrecision, bf16...) is on now and off again after the loss: remember it.
@@ -104,6 +110,8 @@ class _SharpnessAware(EffilabCallback):
     def after_fit(self):
         self.sam.release()  # the weight copy: not kept between fits nor pickled by `export`
         self._clear()
+
+    after_cancel_fit = after_fit  # an interrupted fit lets the copy go too
 
     def state_dict(self) -> dict:
         return {"sam": self.sam.state_dict(), "extra_forward": self._extra_forward,

@@ -3,6 +3,7 @@ and a text summary at the end of the fit where no front end draws widgets."""
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 
@@ -13,9 +14,13 @@ from ..callback import PER_BATCH_EVENTS, telemetry_of
 from . import figures as F
 from .mode import ModeChoice, decide_mode, in_kernel
 
-__all__ = ["Dashboard", "Throttle"]
+__all__ = ["NO_WIDGETS_NOTE", "Dashboard", "Throttle", "announce_busy", "enable_colab_widgets"]
 
+# What a front end that can't draw widgets shows in the widget's place (instead of an empty box or a repr).
+NO_WIDGETS_NOTE = ("effilab dashboard: this front end does not draw widgets; the figure appears here at the end "
+                   "of the fit")
 AUTOSIZE_EVERY_S = 5.0  # how often the live figure is re-fitted to its box's width (see `_autosize`)
+BUSY_EVERY_S = 1.0  # how often a running fit re-states that the kernel is busy (see `announce_busy`)
 
 
 class Throttle:
@@ -52,10 +57,13 @@ class Dashboard(Callback):
     static > a widget front end (`JPY_SESSION_NAME`: JupyterLab / Notebook 7, `VSCODE_PID`: VS Code,
     Colab): live > static (papermill, nbclient). See `effilab.viz.mode`.
 
-    - *live*: one `FigureWidget` (subplots) with a progress bar and a status line, in a box of CSS class
-      `effilab-dashboard`; redrawn inside `batch_update` when the telemetry changed, at most `max_per_s`
-      times per second plus each epoch's end. At the end of the fit the widget is replaced, through its
-      display handle, by the static figure, so a saved notebook shows the result.
+    - *live*: one `FigureWidget` (subplots) under one header line (a progress bar and the status), in a
+      box of CSS class `effilab-dashboard`; redrawn inside `batch_update` when the telemetry changed, at
+      most `max_per_s` times per second and only while the time spent drawing stays within `budget` (a
+      share, default 1%) of the fit's time so far: the drawing rate follows the measured cost of a draw
+      against the training steps, on any machine. Only the data that changed is sent. At the end of the
+      fit the widget is replaced, through its display handle, by the static figure, so a saved notebook
+      shows the result.
     - *static*: no widget; at the end of the fit the figure (when in a kernel) and a text summary.
     - *off*: nothing.
 
@@ -68,9 +76,13 @@ class Dashboard(Callback):
     # Widgets, display handles and the last figure stay out of pickles (`learn.export`).
     _stateattrs = ("_fw", "_status", "_progress", "_widgets", "_handle", "final_figure")
 
-    def __init__(self, mode: str | None = None, max_per_s: float = 2.0, clock=time.monotonic):
+    def __init__(self, mode: str | None = None, max_per_s: float = 2.0, clock=time.monotonic,
+                 budget: float = 0.01):
         decide_mode(mode, env={}, kernel=False)  # a wrong mode fails here, not in the middle of a fit
-        self.mode_arg, self.max_per_s, self.clock = mode, max_per_s, clock
+        for name, v in (("max_per_s", max_per_s), ("budget", budget)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == float("inf"):
+                raise ValueError(f"Dashboard({name}=...) must be a finite number >= 0, got {v!r}")
+        self.mode_arg, self.max_per_s, self.clock, self.budget = mode, max_per_s, clock, budget
         self.mode, self.mode_reason, self.final_summary = None, "", ""
         self.n_pushes = self.n_rebuilds = self.n_failures = 0
         self._init_state()
@@ -82,6 +94,10 @@ class Dashboard(Callback):
         self._running, self._warned, self._seen, self._key, self._sent = False, False, -1, None, {}
         self._autosized = float("-inf")
         self._throttle = Throttle(self.max_per_s, self.clock) if hasattr(self, "max_per_s") else None
+        # Drawing budget: real seconds spent drawing this fit, since when, and the next time a draw may start.
+        self._busy_s, self._t_start, self._next_t = 0.0, 0.0, float("-inf")
+        self._busy_t = self._due = float("-inf")
+        self._max_draw_s = 0.0
 
     # `learn.dashboard()` when the Learner already has one: adjust it, return the Learner.
     def __call__(self, event_name: str | None = None, mode: str | None = None,
@@ -90,6 +106,11 @@ class Dashboard(Callback):
             # fastai calls every callback at every event, and its dispatch reads `learn.training` through
             # attribute delegation (~5 us): the per-batch events this class has no handler for are not
             # worth it (~2% of a fit of 3-ms steps).
+            if event_name == "before_batch":  # the one per-batch handler, called without fastai's dispatch
+                # `learn.training` (two delegations) is read only when something is due.
+                if self._fw is not None and self.clock() >= self._due and self.run and self.learn.training:
+                    self.before_batch()
+                return None
             if event_name in PER_BATCH_EVENTS and not hasattr(type(self), event_name):
                 return None
             return super().__call__(event_name)
@@ -118,6 +139,9 @@ class Dashboard(Callback):
             self.mode, self.mode_reason = ModeChoice("static", "invalid environment setting")
         self._warned, self._seen, self._key = False, -1, None
         self._throttle = Throttle(self.max_per_s, self.clock)
+        self._busy_s, self._t_start, self._next_t = 0.0, time.perf_counter(), float("-inf")
+        self._busy_t = self._due = float("-inf")
+        self._max_draw_s = 0.0
         if self.mode == "live":
             self._guard("loading the live widget", self._preload)
 
@@ -128,27 +152,32 @@ class Dashboard(Callback):
         if not self._running:
             self._running = True
             if self.mode == "live":
+                # Not counted against the drawing budget: on a short fit it would hold back the first draw.
                 self._guard("opening the live dashboard", self._open_widget)
                 if self._fw is None:  # no widget after all: the static figure at the end instead
                     self.mode, self.mode_reason = "static", "the live widget could not be opened"
-        self._push()
 
     def before_batch(self):
         # Here rather than in after_batch: SystemMonitor counts the time between a batch's end and the next
-        # batch's start as waiting for data, and drawing is not the loader's fault.
-        if self._fw is not None:
-            self._push()
+        # batch's start as waiting for data, and drawing is not the loader's fault. One clock read per batch
+        # until something is due.
+        if self._fw is not None and (now := self.clock()) >= self._due:
+            if now >= self._busy_t:
+                self._busy_t = now + BUSY_EVERY_S
+                self._guard("telling the front end the kernel is busy", announce_busy)
+            if now >= self._next_t:
+                self._push()
+            self._schedule()
 
     def after_epoch(self):
-        if self._fw is not None and self._running:
+        if self._fw is not None and self._running and self.clock() >= self._next_t:
             self._push(force=True)
 
     def after_fit(self):
         if not self._running:
             return
         self._running = False
-        if self._fw is not None:
-            self._push(force=True)
+        # No last update: the widget is replaced by the final figure right away.
         self._guard("drawing the final figure", self._finish)
 
     # ---- public
@@ -202,6 +231,7 @@ class Dashboard(Callback):
         import plotly.graph_objects as go
 
         go.FigureWidget  # noqa: B018
+        enable_colab_widgets()
 
     def _open_widget(self):
         t = F.snapshot(telemetry_of(self.learn))
@@ -210,15 +240,14 @@ class Dashboard(Callback):
             import ipywidgets as W
             import plotly.graph_objects as go
 
-            fw = go.FigureWidget(F.build_figure(t, scrub=False, cell_list=cs))
+            fw = go.FigureWidget(F.build_figure(t, scrub=False, cell_list=cs, live=True))
         except ImportError as e:  # plotly >= 6 draws FigureWidgets with anywidget
             warnings.warn(f"Dashboard: the live widget needs anywidget and ipywidgets ({e}); showing a "
                           "static figure at the end of the fit instead", RuntimeWarning, stacklevel=2)
             self._warned = True
             return
         self._status = W.HTML(value=self._status_html(t))
-        self._progress = W.FloatProgress(value=0.0, min=0.0, max=1.0, description="training",
-                                         bar_style="info")
+        self._progress = W.FloatProgress(value=0.0, min=0.0, max=1.0, bar_style="info")
         header = W.HBox([self._progress, self._status])
         box = W.VBox([header, fw])
         # CSS classes: how a browser test finds the dashboard in the page.
@@ -231,14 +260,40 @@ class Dashboard(Callback):
         if in_kernel():
             from IPython.display import display
 
-            self._handle = display(box, display_id=True)
+            # The standard widget mime type, and a one-line note as the text a front end without widgets
+            # shows instead (the final figure replaces both through the display handle).
+            bundle = box._repr_mimebundle_()
+            bundle = {"application/vnd.jupyter.widget-view+json": bundle["application/vnd.jupyter.widget-view+json"],
+                      "text/plain": NO_WIDGETS_NOTE}
+            self._handle = display(bundle, raw=True, display_id=True)
 
     def _push(self, force: bool = False):
         t = telemetry_of(self.learn)
-        if t.version == self._seen or not self._throttle(force):
+        if t.version == self._seen:
+            return
+        if not self._throttle(force):
+            self._next_t = max(self._next_t, self._throttle.last + self._throttle.interval)
             return
         self._seen = t.version
+        t0 = time.perf_counter()
         self._guard("updating the live dashboard", self._redraw, t, force)
+        self._spent(t0)
+
+    def _spent(self, t0: float) -> None:
+        """Count a draw that started at `t0` against the budget; the next may start once the drawing time
+        is back within `budget` of the fit's time (and, by `max_per_s`, not before the throttle allows)."""
+        now = time.perf_counter()
+        self._busy_s += now - t0
+        self._max_draw_s = max(self._max_draw_s, now - t0)
+        if self.budget > 0:
+            wait = self._t_start + self._busy_s / self.budget - now  # real seconds until within budget
+            self._next_t = self.clock() + max(0.0, wait)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        """When `before_batch` next has something to do: a draw (budget and throttle) or a busy status."""
+        draw = max(self._next_t, self._throttle.last + self._throttle.interval)
+        self._due = min(draw, self._busy_t)
 
     def _redraw(self, t, force: bool = False):
         fw = self._fw
@@ -249,7 +304,7 @@ class Dashboard(Callback):
         key = F.layout_key(cs)
         with fw.batch_update():
             if key != self._key:  # panels appeared: same widget, new subplot grid
-                new = F.build_figure(snap, scrub=False, cell_list=cs)
+                new = F.build_figure(snap, scrub=False, cell_list=cs, live=True)
                 fw.data = []
                 fw.add_traces(list(new.data))
                 fw.layout = new.layout
@@ -317,6 +372,41 @@ class Dashboard(Callback):
             for part in (getattr(w, "layout", None), getattr(w, "style", None), w):
                 if part is not None and hasattr(part, "close"):
                     part.close()
+
+
+def announce_busy() -> bool:
+    """Publish the kernel's "busy" status for the running cell; returns whether there was a kernel to do it.
+
+    JupyterLab shows the kernel status of the latest status message, and ipykernel publishes "idle" after
+    every control-channel request, including the `create_subshell_request` that the widget manager sends
+    when the dashboard's widget is first drawn: without this the kernel shows "Idle" for the rest of the
+    fit. Re-stating "busy" (true: the cell still runs) while the live dashboard is open puts that right.
+    """
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    publish = getattr(getattr(shell, "kernel", None), "_publish_status", None)
+    if publish is None:
+        return False
+    publish("busy", "shell")
+    return True
+
+
+def enable_colab_widgets(modules=None) -> bool:
+    """In Colab (`google.colab` imported), turn on its custom widget manager, which third-party widgets such
+    as plotly's FigureWidget need; returns whether it did."""
+    global _colab_widgets_enabled
+    modules = sys.modules if modules is None else modules
+    if "google.colab" not in modules:
+        return False
+    if not _colab_widgets_enabled:  # once per kernel
+        from google.colab import output
+
+        output.enable_custom_widget_manager()
+        _colab_widgets_enabled = True
+    return True
+
+
+_colab_widgets_enabled = False
 
 
 def dashboard(self: Learner, mode: str | None = None, max_per_s: float | None = None) -> Learner:

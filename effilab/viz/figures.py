@@ -12,22 +12,25 @@ source whose `"epoch"` records carry a score histogram and a threshold (a data-d
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import uuid
 from dataclasses import dataclass, field
 from statistics import median
 
 import numpy as np
 import plotly.graph_objects as go
 import plotly.io as pio
+from plotly.offline import get_plotlyjs_version
 from plotly.subplots import make_subplots
 
 from ..core.telemetry import Telemetry
 from .static import KEPT, PRUNED, RESCALED
 
-__all__ = ["PANELS", "PANEL_TITLES", "Cell", "Snapshot", "build_figure", "cells", "data_sources",
-           "figure_bundle", "layout_key", "panels", "report_html", "snapshot", "status", "status_line",
-           "summary_text", "update_figure"]
+__all__ = ["PANELS", "PANEL_TITLES", "Cell", "Snapshot", "build_figure", "cells", "data_sources", "epoch_number",
+           "figure_bundle", "informative_epoch", "layout_key", "lr_find_figure", "panels", "report_html", "snapshot",
+           "status", "status_line", "summary_text", "update_figure"]
 
 PANELS = ("training", "data", "schedules", "memory", "throughput")
 PANEL_TITLES = {"training": "Training", "data": "Data decisions", "schedules": "Schedules",
@@ -37,6 +40,8 @@ MAX_POINTS = 1500  # per trace: a long fit is thinned for drawing (the telemetry
 ROW_PX = 250
 _NOT_METRICS = ("epoch", "train_loss", "valid_loss", "time_s", "fit")
 _DATA_FIELDS = ("x", "y", "width")  # what a live update changes in a trace; names and styles stay
+# From zero: autoscaled to its own span, a 0.8 MB change of a 500 MB process would fill the axis.
+MEMORY_YAXIS = {"title": "MB", "rangemode": "tozero"}
 _PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 
 
@@ -148,6 +153,13 @@ def _round(values: list) -> list:
     return (np.round(a * scale) / scale).tolist()  # host: numpy
 
 
+def epoch_number(epoch: int) -> int:
+    """The number an epoch has in every label and axis of the dashboard: 1 for the first (fastai counts
+    from 0 internally). On the x axes epoch `k` ends at `x = k`, so steps (at `pct_train * n_epoch`) and
+    per-epoch points line up."""
+    return epoch + 1
+
+
 def _num(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -198,14 +210,14 @@ def _training_cells(t: Snapshot) -> list[Cell]:
     if not (meta or steps or epochs):
         return []
     n_epoch = _n_epoch(t)
-    xaxis = {"title": "epochs trained"}
+    xaxis = {"title": "epoch"}
     loss = Cell("training", "loss", "Training: loss", xaxis=xaxis, yaxis={"title": "loss"})
     s = [r for r in steps if _num(r.get("train_loss"))]
     loss.traces.append(_line("loss: train (steps)", [_step_x(r, n_epoch) for r in s],
                              [r["train_loss"] for r in s], color=_PALETTE[0], opacity=0.5))
     for i, key in enumerate(("train_loss", "valid_loss")):
         e = [r for r in epochs if _num(r.get(key))]
-        loss.traces.append(_line(f"loss: {key.split('_')[0]}", [r["epoch"] + 1 for r in e],
+        loss.traces.append(_line(f"loss: {key.split('_')[0]}", [epoch_number(r["epoch"]) for r in e],
                                  [r[key] for r in e], color=_PALETTE[i], mode="lines+markers"))
     out = [loss]
     names = list(meta.get("metric_names") or [])
@@ -216,18 +228,25 @@ def _training_cells(t: Snapshot) -> list[Cell]:
                        yaxis={"title": "value"})
         for i, name in enumerate(names):
             e = [r for r in epochs if _num(r.get(name))]
-            metrics.traces.append(_line(f"metrics: {name}", [r["epoch"] + 1 for r in e], [r[name] for r in e],
+            metrics.traces.append(_line(f"metrics: {name}", [epoch_number(r["epoch"]) for r in e], [r[name] for r in e],
                                         color=_PALETTE[(i + 2) % len(_PALETTE)], mode="lines+markers"))
         out.append(metrics)
     if last := (epochs[-1] if epochs else None):
         parts = [f"{k.split('_')[0]} {last[k]:.3g}" for k in ("train_loss", "valid_loss")
                  if _num(last.get(k))]
-        loss.title += f" (epoch {last['epoch']}: {', '.join(parts)})" if parts else ""
+        loss.title += f" (epoch {epoch_number(last['epoch'])}: {', '.join(parts)})" if parts else ""
     return out
 
 
 def _data_records(t: Snapshot, source: str) -> list[dict]:
     return [r for r in _records(t, source, "epoch", "epoch", strict=False) if all(k in r for k in DATA_KEYS)]
+
+
+def informative_epoch(recs: list[dict]) -> int:
+    """The epoch a static figure opens on: the latest that pruned something (annealing epochs keep
+    everything and show nothing of the decisions), else the latest."""
+    pruning = [r for r in recs if r.get("pruned")]
+    return (pruning or recs)[-1]["epoch"]
 
 
 def _pick_epoch(recs: list[dict], epoch: int | None) -> dict:
@@ -280,13 +299,13 @@ def _histogram_traces(cell_key: str, rec: dict) -> list[dict]:
 
 def _scores_title(source: str, rec: dict) -> str:
     note = ", annealing: all kept" if rec.get("annealing") else ""
-    return (f"Data decisions ({source}), epoch {rec['epoch']}: {rec['kept']:,} kept "
+    return (f"Data decisions ({source}), epoch {epoch_number(rec['epoch'])}: {rec['kept']:,} kept "
             f"({rec.get('rescaled', 0):,} rescaled), {rec['pruned']:,} pruned{note}")
 
 
 def _data_cells(t: Snapshot, epoch: int | None = None) -> list[Cell]:
-    out, kept = [], Cell("data", "kept", "Data decisions: kept fraction per epoch", xaxis={"title": "epoch",
-                         "dtick": 1}, yaxis={"title": "kept / all", "range": [0, 1.05]})
+    out, kept = [], Cell("data", "kept", "Data decisions: kept fraction per epoch", xaxis={"title": "epoch"},
+                         yaxis={"title": "kept / all", "range": [0, 1.05]})
     for i, src in enumerate(data_sources(t)):
         recs = _data_records(t, src)
         if not recs:
@@ -297,7 +316,7 @@ def _data_cells(t: Snapshot, epoch: int | None = None) -> list[Cell]:
             out.append(Cell("data", key, _scores_title(src, rec), _histogram_traces(key, rec),
                             xaxis={"title": "score (latest loss)"}, yaxis={"title": "samples"}))
         frac = [(r["epoch"], r["kept"] / max(1, r["kept"] + r["pruned"])) for r in recs]
-        kept.traces.append(_line(f"kept: {src}", [e for e, _ in frac], [f for _, f in frac],
+        kept.traces.append(_line(f"kept: {src}", [epoch_number(e) for e, _ in frac], [f for _, f in frac],
                                  color=_PALETTE[(i + 4) % len(_PALETTE)], mode="lines+markers"))
     return out + [kept] if kept.traces else out
 
@@ -349,7 +368,7 @@ def _memory_cells(t: Snapshot) -> list[Cell]:
     cuda = meta.get("has_gpu") or any("cuda_allocated_mb" in r for r in steps)
     out = []
     if cuda:
-        mem = Cell("memory", "memory", "Memory: CUDA (MB)", xaxis=xaxis, yaxis={"title": "MB"})
+        mem = Cell("memory", "memory", "Memory: CUDA (MB)", xaxis=xaxis, yaxis=dict(MEMORY_YAXIS))
         series = (("cuda_allocated_mb", "cuda allocated"), ("cuda_reserved_mb", "cuda reserved"),
                   ("cuda_peak_mb", "cuda peak"))
         for i, (k, label) in enumerate(series):
@@ -360,7 +379,7 @@ def _memory_cells(t: Snapshot) -> list[Cell]:
             mem.title += f", {meta['gpu_name']}"
     else:
         note = meta.get("note") or "no GPU: showing process memory (RSS)"
-        mem = Cell("memory", "memory", f"Memory: {note}", xaxis=xaxis, yaxis={"title": "MB"})
+        mem = Cell("memory", "memory", f"Memory: {note}", xaxis=xaxis, yaxis=dict(MEMORY_YAXIS))
         s = [r for r in steps if _num(r.get("rss_mb"))]
         mem.traces.append(_line("memory: rss", [r["time_s"] for r in s], [r["rss_mb"] for r in s],
                                 color=_PALETTE[0]))
@@ -387,7 +406,7 @@ def _samples_series(t: Snapshot) -> tuple[list[int], list[float], list[float]]:
         prev = before[-1] if before else {}
         fwd0 = prev.get("samples_total") if _num(prev.get("samples_total")) else 0
         full0 = prev.get("full_samples_total") if _num(prev.get("full_samples_total")) else 0
-        return ([r["epoch"] + 1 for r in run], [r["samples_total"] - fwd0 for r in run],
+        return ([epoch_number(r["epoch"]) for r in run], [r["samples_total"] - fwd0 for r in run],
                 [r["full_samples_total"] - full0 for r in run])
     for src in data_sources(t):
         recs = _records(t, src, "samples", "epoch", strict=False)
@@ -397,7 +416,7 @@ def _samples_series(t: Snapshot) -> tuple[list[int], list[float], list[float]]:
                      if r.get("fit") == first.get("fit") and r.get("epoch") == first["epoch"]]
             fwd0 = first["forwarded_total"] - first["forwarded"]
             full0 = first["full_total"] - (plans[-1].get("full_epoch", 0) if plans else 0)
-            return ([r["epoch"] + 1 for r in recs], [r["forwarded_total"] - fwd0 for r in recs],
+            return ([epoch_number(r["epoch"]) for r in recs], [r["forwarded_total"] - fwd0 for r in recs],
                     [r["full_total"] - full0 for r in recs])
     return [], [], []
 
@@ -424,7 +443,7 @@ def _throughput_cells(t: Snapshot) -> list[Cell]:
         if fwd and full and full[-1]:
             frac = fwd[-1] / full[-1]
             title += f": {fwd[-1]:,.0f} of {full[-1]:,.0f} ({frac:.1%}; saved {1 - frac:.1%})"
-        samples = Cell("throughput", "samples", title, xaxis={"title": "epochs trained", "dtick": 1},
+        samples = Cell("throughput", "samples", title, xaxis={"title": "epoch"},
                        yaxis={"title": "samples"})
         samples.traces += [
             _line("samples: forwarded", epochs, fwd, color=KEPT, mode="lines+markers"),
@@ -436,10 +455,13 @@ def _throughput_cells(t: Snapshot) -> list[Cell]:
 def cells(t: Telemetry | Snapshot, epoch: int | None = None) -> list[Cell]:
     """Every cell that has data (or that the writers' metadata announce), in panel order.
 
-    `epoch` picks the data-decision histogram shown (default: the latest epoch)."""
+    `epoch` (fastai's `learn.epoch`, from 0) picks the data-decision histogram shown (default: the latest
+    epoch). A cell appears with its first point."""
     t = snapshot(t)
-    return (_training_cells(t) + _data_cells(t, epoch) + _schedule_cells(t) + _memory_cells(t)
-            + _throughput_cells(t))
+    every = (_training_cells(t) + _data_cells(t, epoch) + _schedule_cells(t) + _memory_cells(t)
+             + _throughput_cells(t))
+    # A cell without a single point would be an empty frame: it appears with its first point.
+    return [c for c in every if any(len(tr.get("y") or ()) for tr in c.traces)]
 
 
 def panels(t: Telemetry | Snapshot) -> list[str]:
@@ -595,13 +617,14 @@ def _grid(cs: list[Cell]) -> tuple[list[list], list[tuple[int, int]]]:
     return specs, pos
 
 
-def _title(t: Snapshot) -> str:
+def _title(t: Snapshot, live: bool = False) -> str:
+    """The live widget's header carries the status line: its figure's title does not repeat it."""
     st = status(t)
     head = "effilab dashboard" + (f" · fit {st['fit_index']}" if st["fit_index"] is not None else "")
-    return f"{head} · {status_line(t)}"
+    return head if live else f"{head} · {status_line(t)}"
 
 
-def _slider(t: Snapshot, cs: list[Cell], trace_index: dict[str, list[int]]) -> dict | None:
+def _slider(t: Snapshot, cs: list[Cell], trace_index: dict[str, list[int]], epoch: int | None) -> dict | None:
     """An epoch slider for the data-decision histograms (plotly `update` steps: works in static HTML)."""
     srcs = [c.key.split("/", 1)[1] for c in cs if c.key.startswith("scores/")]
     if not srcs:
@@ -623,20 +646,25 @@ def _slider(t: Snapshot, cs: list[Cell], trace_index: dict[str, list[int]]) -> d
                 idx.append(i)
             k = next(i for i, c in enumerate(cs) if c.key == f"scores/{s}")
             layout[f"annotations[{k}].text"] = _scores_title(s, rec)
-        steps.append({"label": str(e), "method": "update", "args": [data, layout, idx]})
-    return {"active": len(steps) - 1, "steps": steps, "currentvalue": {"prefix": "data decisions at epoch "},
+        steps.append({"label": str(epoch_number(e)), "method": "update", "args": [data, layout, idx]})
+    active = epochs.index(epoch) if epoch in epochs else len(steps) - 1
+    return {"active": active, "steps": steps, "currentvalue": {"prefix": "data decisions at epoch "},
             "pad": {"t": 40}, "x": 0.0, "len": 1.0, "y": 0.0, "yanchor": "top"}
 
 
 def build_figure(t: Telemetry | Snapshot, epoch: int | None = None, scrub: bool = True,
-                 cell_list: list[Cell] | None = None) -> go.Figure:
+                 cell_list: list[Cell] | None = None, live: bool = False) -> go.Figure:
     """The whole dashboard as one plotly figure (the static figure, and the live widget's content).
 
-    `epoch` picks the histogram's epoch (default: latest); with `scrub` and two or more planned epochs, a
-    slider under the figure moves the histogram through the epochs. `cell_list`: `cells(t, epoch)`,
-    when the caller has them already.
+    `epoch` picks the histogram's epoch (fastai's index, from 0). By default the live figure (`scrub=False`)
+    shows the latest, and the static one the latest that pruned something (`informative_epoch`), with a
+    slider under the figure that moves the histogram through the epochs. `cell_list`: `cells(t, epoch)`,
+    when the caller has them already. `live`: the figure of the live widget, whose header has the status.
     """
     t = snapshot(t)
+    if epoch is None and scrub and cell_list is None:
+        recs = next((r for r in (_data_records(t, s) for s in data_sources(t)) if r), None)
+        epoch = informative_epoch(recs) if recs else None
     cs = cells(t, epoch) if cell_list is None else cell_list
     if not cs:
         fig = go.Figure()
@@ -646,30 +674,84 @@ def build_figure(t: Telemetry | Snapshot, epoch: int | None = None, scrub: bool 
     specs, pos = _grid(cs)
     rows = len(specs)
     height = rows * ROW_PX + 140
-    fig = make_subplots(rows=rows, cols=2, specs=specs, subplot_titles=[c.title for c in cs],
-                        vertical_spacing=min(0.3 / max(1, rows - 1), 90 / height), horizontal_spacing=0.08)
-    trace_index: dict[str, list[int]] = {}
+    # The grid (axis domains, subplot titles) from plotly; traces and axes added as plain dicts to a figure
+    # built without validation: validating ~25 traces one by one costs 10x more (0.1 s per figure, at the
+    # end of every fit), and everything here is made by this module in plotly's own terms.
+    layout, refs = _subplot_grid(specs, height)
+    for a, c in zip(layout.get("annotations", []), cs):
+        a["text"] = c.title
+    data, trace_index = [], {}
     for c, (r, col) in zip(cs, pos):
+        xkey, ykey, trace_axes = refs[(r, col)]
         for tr in c.traces:
-            d = dict(tr)
-            kind = d.pop("type")
-            trace_index.setdefault(c.key, []).append(len(fig.data))
-            fig.add_trace((go.Bar if kind == "bar" else go.Scatter)(legendgroup=c.key, **d), row=r, col=col)
-        fig.update_xaxes(row=r, col=col, **c.xaxis)
-        fig.update_yaxes(row=r, col=col, **c.yaxis)
-    for a in fig.layout.annotations:
-        a.font = {"size": 13}
-    layout = {"height": height, "template": "plotly_white", "barmode": "stack", "bargap": 0,
-              "title": {"text": _title(t), "x": 0.01, "font": {"size": 15}},
-              "margin": {"t": 80, "b": 60, "l": 60, "r": 20},
-              "legend": {"tracegroupgap": 8, "font": {"size": 11}, "traceorder": "grouped"},
-              "uirevision": "effilab"}  # keeps a user's zoom across live updates
-    if scrub and (slider := _slider(t, cs, trace_index)):
+            trace_index.setdefault(c.key, []).append(len(data))
+            data.append(_plain(tr) | {"legendgroup": c.key} | trace_axes)
+        layout[xkey] = layout.get(xkey, {}) | _plain_axis(c.xaxis)
+        layout[ykey] = layout.get(ykey, {}) | _plain_axis(c.yaxis)
+    for a in layout.get("annotations", []):
+        a["font"] = {"size": 13}
+    layout |= {"height": height, "template": _template(), "barmode": "stack", "bargap": 0,
+               "title": {"text": _title(t, live), "x": 0.01, "font": {"size": 15}},
+               "margin": {"t": 80, "b": 60, "l": 60, "r": 20},
+               "legend": {"tracegroupgap": 8, "font": {"size": 11}, "traceorder": "grouped"},
+               "uirevision": "effilab"}  # keeps a user's zoom across live updates
+    if scrub and (slider := _slider(t, cs, trace_index, epoch)):
         layout["sliders"] = [slider]
         layout["height"] = height + 80
         layout["margin"]["b"] = 120
-    fig.update_layout(**layout)
-    return fig
+    return go.Figure({"data": data, "layout": layout}, _validate=False)
+
+
+_TEMPLATE: dict = {}
+_PLOTLY_CDN = f"https://cdn.plot.ly/plotly-{get_plotlyjs_version()}.min.js"
+_GRIDS: dict = {}
+
+
+def _subplot_grid(specs: list, height: int) -> tuple[dict, dict]:
+    """`make_subplots`' layout for this grid (axis domains, one title annotation per cell) and, per
+    (row, col), its axis layout keys and trace axis references; cached per grid, as panels come and go
+    while a figure grows."""
+    key = (repr(specs), height)
+    if key not in _GRIDS:
+        rows = len(specs)
+        n = sum(1 for row in specs for s in row if s is not None)
+        grid = make_subplots(rows=rows, cols=2, specs=specs, subplot_titles=[" "] * n,
+                             vertical_spacing=min(0.3 / max(1, rows - 1), 90 / height), horizontal_spacing=0.08)
+        refs = {}
+        for r, row in enumerate(specs, 1):
+            for col, spec in enumerate(row, 1):
+                if spec is not None:
+                    ref = grid._grid_ref[r - 1][col - 1][0]
+                    refs[(r, col)] = (*ref.layout_keys, dict(ref.trace_kwargs))
+        _GRIDS[key] = (grid.layout.to_plotly_json(), refs)
+    layout, refs = _GRIDS[key]
+    return copy.deepcopy(layout), refs
+
+
+def _template() -> dict:
+    """The layout part of `plotly_white`, as plotly.js wants it (a figure built without validation keeps a
+    name as a name); its defaults for 40 trace types this figure never draws would be sent to the browser
+    with every figure (20 KB)."""
+    if not _TEMPLATE:
+        _TEMPLATE.update({"layout": pio.templates["plotly_white"].layout.to_plotly_json()})
+    return copy.deepcopy(_TEMPLATE)
+
+
+def _plain(d: dict) -> dict:
+    """A trace dict with plotly.py's shorthands spelled out as plotly.js reads them (`marker_line_width`
+    -> `marker.line.width`)."""
+    out: dict = {}
+    for k, v in d.items():
+        parts = k.split("_") if k.startswith("marker_") else [k]
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = (node.get(parts[-1], {}) | v) if isinstance(v, dict) else v
+    return out
+
+
+def _plain_axis(d: dict) -> dict:
+    return {k: ({"text": v} if k == "title" and isinstance(v, str) else v) for k, v in d.items()}
 
 
 def update_figure(fig: go.Figure, t: Telemetry | Snapshot, cs: list[Cell] | None = None,
@@ -699,10 +781,39 @@ def update_figure(fig: go.Figure, t: Telemetry | Snapshot, cs: list[Cell] | None
     for a, c in zip(fig.layout.annotations, cs):
         if a.text != c.title:
             a.text = c.title
-    title = _title(t)
+    title = _title(t, live=True)
     if fig.layout.title.text != title:
         fig.layout.title.text = title
     return True
+
+
+# ---- lr_find
+
+
+def lr_find_figure(lrs, losses, marks: dict[str, float] | None = None, title: str | None = None) -> go.Figure:
+    """The learning-rate range test (`learn.lr_find()`): the smoothed loss against the learning rate on a
+    log axis, with a dashed vertical line and a label at each of `marks` ({label: learning rate}, e.g.
+    `{"valley": suggestion.valley}`).
+
+    On a log axis plotly positions a shape by its value but an annotation by the value's log10
+    (`fig.add_vline` gives both the same number, so one of the two lands elsewhere): each line is drawn
+    at the rate and its label at log10 of the rate, and both stay on the rate.
+    """
+    lrs, losses = [float(v) for v in lrs], [float(v) for v in losses]
+    if not lrs or len(lrs) != len(losses):
+        raise ValueError(f"lr_find_figure needs as many losses as learning rates, got {len(lrs)} and {len(losses)}")
+    fig = go.Figure(go.Scatter(x=lrs, y=losses, mode="lines", name="smoothed training loss", line_color=KEPT))
+    dashes = ("dash", "dot", "dashdot", "longdash")
+    for i, (label, lr) in enumerate((marks or {}).items()):
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+            raise ValueError(f"lr_find_figure mark {label!r} must be a positive learning rate, got {lr!r}")
+        fig.add_shape(type="line", x0=lr, x1=lr, xref="x", y0=0, y1=1, yref="paper",
+                      line={"dash": dashes[i % len(dashes)], "color": "black" if i == 0 else "grey"})
+        fig.add_annotation(x=math.log10(lr), xref="x", y=1 - 0.08 * i, yref="paper", text=f"{label}: {lr:.1e}",
+                           showarrow=False, xanchor="left", bgcolor="rgba(255,255,255,0.8)")
+    fig.update_layout(template="plotly_white", height=340, xaxis={"type": "log", "title": "learning rate"},
+                      yaxis_title="loss", title=title or "lr_find: the loss while the learning rate grows")
+    return fig
 
 
 # ---- outputs
@@ -711,10 +822,15 @@ def update_figure(fig: go.Figure, t: Telemetry | Snapshot, cs: list[Cell] | None
 def figure_bundle(fig: go.Figure, text: str = "") -> dict:
     """A display bundle for a notebook output: the plotly mime type (JupyterLab, VS Code, nteract), HTML
     that loads plotly.js from its CDN (nbconvert and other viewers) and plain text."""
-    fig_json = json.loads(pio.to_json(fig, validate=False))
+    # Serialised once: the HTML embeds the same JSON (plotly's `to_html` would encode the figure again).
+    fig_json = fig.to_plotly_json()
     fig_json["config"] = {"displaylogo": False}
-    html = pio.to_html(fig, include_plotlyjs="cdn", full_html=False, config={"displaylogo": False})
-    return {"application/vnd.plotly.v1+json": fig_json, "text/html": html,
+    encoded = pio.to_json(fig_json, validate=False)
+    div = f"effilab-{uuid.uuid4().hex}"
+    html = (f'<div id="{div}" class="plotly-graph-div" style="height:{fig.layout.height or 450}px; width:100%;">'
+            f'</div>\n<script src="{_PLOTLY_CDN}" charset="utf-8"></script>\n<script>(function(){{'
+            f'var f = {encoded}; Plotly.newPlot("{div}", f.data, f.layout, f.config);}})();</script>')
+    return {"application/vnd.plotly.v1+json": json.loads(encoded), "text/html": html,
             "text/plain": text or "effilab dashboard (a plotly figure)"}
 
 

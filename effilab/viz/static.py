@@ -37,8 +37,9 @@ def _epoch_records(telemetry: Telemetry, source: str, fit: int | None) -> list[d
 
 def score_histogram(telemetry: Telemetry, epoch: int | None = None, source: str = "infobatch",
                     fit: int | None = None) -> go.Figure:
-    """Histogram of the scores at the start of `epoch` (default: the latest), kept vs pruned stacked,
-    with the pruning threshold (the mean score) as a dashed line.
+    """Histogram of the scores at the start of `epoch` (fastai's `learn.epoch`, from 0; default: the
+    latest), kept vs pruned stacked, with the pruning threshold (the mean score) as a dashed line. Titles
+    number epochs from 1, as the dashboard does.
 
     The range is [min score, mean + 3 std]: a long tail of hard samples lands in the last bin.
     """
@@ -62,7 +63,7 @@ def score_histogram(telemetry: Telemetry, epoch: int | None = None, source: str 
                   annotation_text=f"threshold (mean) = {rec['threshold']:.3g}")
     note = " (annealing: all kept)" if rec.get("annealing") else ""
     fig.update_layout(barmode="stack", bargap=0, template="plotly_white", height=360,
-                      title=f"Scores at the start of epoch {rec['epoch']}: {rec['kept']} kept, "
+                      title=f"Scores at the start of epoch {rec['epoch'] + 1}: {rec['kept']} kept, "
                             f"{rec['pruned']} pruned{note}",
                       xaxis_title="score (latest training loss)", yaxis_title="samples",
                       legend=_LEGEND)
@@ -73,7 +74,7 @@ def kept_per_epoch(telemetry: Telemetry, source: str = "infobatch", fit: int | N
     """Per epoch, the training set split into kept with weight 1, kept and up-weighted (rescaled), and
     pruned, as stacked bars; annealing epochs are shaded."""
     recs = _epoch_records(telemetry, source, fit)
-    epochs = [r["epoch"] for r in recs]
+    epochs = [r["epoch"] + 1 for r in recs]  # numbered from 1, as in the dashboard
     rescaled = [r.get("rescaled", 0) for r in recs]
     plain = [r["kept"] - s for r, s in zip(recs, rescaled)]
     pruned = [r["pruned"] for r in recs]

@@ -1,5 +1,5 @@
-"""JupyterLab in a sandbox, driven by Playwright through Debian's Chromium: shared by the real-browser
-dashboard test and `benchmarks/dashboard_overhead.py`.
+"""JupyterLab or Notebook 7 in a sandbox, driven by Playwright through Debian's Chromium: shared by the
+real-browser dashboard test and `benchmarks/dashboard_overhead.py`.
 
 Nothing global is touched: Jupyter's config, data, runtime, settings and workspaces live in a temporary
 folder, the kernel is this interpreter on this checkout (`PYTHONPATH`), and Lab, its kernels and the
@@ -110,11 +110,19 @@ def _get_json(url: str, timeout: float = 2.0):
         return json.loads(r.read().decode())
 
 
-class Lab:
-    """`with Lab(tmp_dir, notebooks) as lab:` a JupyterLab server serving a copy of `notebooks` from
-    `tmp_dir / "root"`; `lab.url`, `lab.root`. Extra kernel environment variables: `env`."""
+FRONT_ENDS = ("lab", "notebook")  # JupyterLab, Notebook 7
 
-    def __init__(self, tmp_dir: Path, notebooks=(), env: dict | None = None, start_timeout: float = 60.0):
+
+class Lab:
+    """`with Lab(tmp_dir, notebooks) as lab:` a JupyterLab (`app="lab"`) or Notebook 7 (`app="notebook"`)
+    server serving a copy of `notebooks` from `tmp_dir / "root"`; `lab.url`, `lab.root`. Extra kernel
+    environment variables: `env`."""
+
+    def __init__(self, tmp_dir: Path, notebooks=(), env: dict | None = None, start_timeout: float = 60.0,
+                 app: str = "lab"):
+        if app not in FRONT_ENDS:
+            raise ValueError(f"app must be one of {FRONT_ENDS}, got {app!r}")
+        self.app = app
         self.tmp, self.notebooks, self.extra_env = Path(tmp_dir), [Path(p) for p in notebooks], env or {}
         self.start_timeout = start_timeout
         self.root = self.tmp / "root"
@@ -158,12 +166,14 @@ class Lab:
     def __enter__(self) -> Lab:
         env = self._environment()
         self._prepare(env)
-        cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={self.port}",
-               "--IdentityProvider.token=", "--ServerApp.password=", "--ServerApp.disable_check_xsrf=True",
-               f"--ServerApp.root_dir={self.root}", "--expose-app-in-browser",
-               "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-               "--LabApp.extension_manager=readonly", "--ServerApp.terminals_enabled=False",
+        cmd = [sys.executable, "-m", "jupyterlab" if self.app == "lab" else "notebook", "--no-browser",
+               "--ip=127.0.0.1", f"--port={self.port}", "--IdentityProvider.token=", "--ServerApp.password=",
+               "--ServerApp.disable_check_xsrf=True", f"--ServerApp.root_dir={self.root}",
+               "--expose-app-in-browser", "--ServerApp.terminals_enabled=False",
                "--KernelManager.shutdown_wait_time=2", "--allow-root"]
+        if self.app == "lab":
+            cmd += ["--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+                    "--LabApp.extension_manager=readonly"]
         log = open(self.log_path, "w")
         try:
             self.proc = subprocess.Popen(cmd, cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -235,8 +245,9 @@ def browser_page(width: int = 1400, height: int = 1000):
 
 
 def open_notebook(page, lab: Lab, name: str, timeout_s: float = 60.0) -> None:
-    """Open `name` in Lab and wait until its kernel is idle."""
-    page.goto(f"{lab.url}/lab/tree/{name}", wait_until="domcontentloaded")
+    """Open `name` in Lab or Notebook 7 and wait until its kernel is idle."""
+    path = f"lab/tree/{name}" if lab.app == "lab" else f"notebooks/{name}"
+    page.goto(f"{lab.url}/{path}", wait_until="domcontentloaded")
     page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget"
                            " && window.jupyterapp.shell.currentWidget.sessionContext",
                            timeout=timeout_s * 1000)
@@ -246,7 +257,7 @@ def open_notebook(page, lab: Lab, name: str, timeout_s: float = 60.0) -> None:
         return w.context.isReady && k && k.status === 'idle';
     }""", timeout=timeout_s * 1000)
     # The file browser closed: the notebook (and the figure in it) gets the width.
-    page.evaluate("() => window.jupyterapp.shell.collapseLeft()")
+    page.evaluate("() => window.jupyterapp.shell.collapseLeft && window.jupyterapp.shell.collapseLeft()")
 
 
 def run_all(page) -> None:
@@ -280,6 +291,33 @@ def screenshot_dashboard(page, path, selector: str = ".effilab-dashboard") -> No
     page.wait_for_timeout(300)
     page.screenshot(path=str(path), clip=el.bounding_box())
     page.set_viewport_size(size)
+
+
+# Every kernel status the front end shows, with the browser's clock, from now on (`status_log` reads it).
+JS_STATUS_RECORDER = """() => {
+  const k = window.jupyterapp.shell.currentWidget.sessionContext.session.kernel;
+  window.__effilabStatus = [[k.status, Date.now() / 1000]];
+  k.statusChanged.connect((_, s) => window.__effilabStatus.push([s, Date.now() / 1000]));
+}"""
+
+
+def record_status(page) -> None:
+    page.evaluate(JS_STATUS_RECORDER)
+
+
+def status_log(page) -> list:
+    """[(status, time)] since `record_status`: what the front end showed of the kernel."""
+    return page.evaluate("() => window.__effilabStatus || []")
+
+
+def idle_seconds(log: list, start: float, end: float) -> float:
+    """How long the front end showed the kernel idle between `start` and `end`."""
+    total = 0.0
+    for (status, t), (_, t_next) in zip(log, log[1:] + [(None, end)]):
+        lo, hi = max(t, start), min(t_next, end)
+        if status == "idle" and hi > lo:
+            total += hi - lo
+    return total
 
 
 def kernel_busy(page) -> bool:

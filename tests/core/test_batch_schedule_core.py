@@ -51,3 +51,41 @@ def test_hold_peak_warms_up_then_stays_flat():
     assert held.peak_pct == pytest.approx(0.25, abs=1e-3)
     assert held(0.0) == pytest.approx(sched(0.0)) and held(0.1) == pytest.approx(sched(0.1))
     assert held(0.6) == pytest.approx(0.1) and held(1.0) == pytest.approx(0.1)
+
+
+# ---- exact boundaries: a fraction written as a decimal times a count, in integer arithmetic
+
+from fractions import Fraction  # noqa: E402
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from effilab.core.batch_schedule import exact, floor_times, round_times  # noqa: E402
+from effilab.core.infobatch import InfoBatchPruner  # noqa: E402
+
+_DECIMALS = st.builds(lambda k, digits: (k, digits), st.integers(1, 9999), st.integers(1, 4)).filter(
+    lambda kd: kd[0] < 10 ** kd[1])
+
+
+@pytest.mark.parametrize("fraction, count, floor", [(0.7, 90, 63), (0.55, 100, 55), (0.28, 25, 7), (0.875, 8, 7)])
+def test_the_known_float_traps_land_on_the_decimal_boundary(fraction, count, floor):
+    assert floor_times(fraction, count) == floor
+
+
+def test_infobatch_anneals_and_the_batch_size_switches_where_the_decimal_says():
+    assert InfoBatchPruner(10, num_epochs=90, delta=0.7).anneal_epoch == 63
+    assert batch_sizes(100, 32, milestones=(0.55,), factor=2).index(64) == 55
+
+
+@given(_DECIMALS, st.integers(1, 1000))
+def test_boundaries_are_exact_for_any_decimal_fraction_and_count(kd, count):
+    k, digits = kd
+    fraction = float(f"0.{k:0{digits}d}")
+    num, den = k, 10**digits  # the decimal as written
+    assert exact(fraction) == Fraction(num, den)
+    assert floor_times(fraction, count) == num * count // den
+    assert round_times(fraction, count) == round(Fraction(num * count, den))
+    assert InfoBatchPruner(4, num_epochs=count, delta=fraction).anneal_epoch == num * count // den
+    sizes = batch_sizes(count, 8, milestones=(fraction,), factor=2)
+    first_switch = -(-num * count // den)  # ceil: the first epoch e with e / count >= fraction
+    assert sizes == [8] * first_switch + [16] * (count - first_switch)

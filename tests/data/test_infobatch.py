@@ -255,3 +255,100 @@ def test_random_prune_keeps_the_fraction():
     learn.fit(4, 1e-2)
     kept = [r["kept"] for r in telemetry_of(learn).records("random_prune", "epoch")]
     assert kept == [768, 768, 1024, 1024]
+
+
+# ---- scores once per sample per step, the loss trained on; exact reductions
+
+
+def _score_table(cb):
+    return cb.pruner.table if isinstance(cb, InfoBatch) else cb.table
+
+
+@pytest.mark.parametrize("technique", ["infobatch", "easy_to_hard", "importance_sampling"])
+@pytest.mark.parametrize("mixer", ["mixup", "cutmix"])
+def test_under_mixup_and_cutmix_the_score_is_the_mixed_loss_written_once(technique, mixer, monkeypatch):
+    """fastai's MixUp/CutMix call the loss twice per batch (partner labels, then own labels) and lerp: the
+    score is the lerp (the loss the sample was trained on), written once per batch."""
+    from fastai.callback.mixup import CutMix
+    from fastai.losses import CrossEntropyLossFlat
+
+    from effilab import EasyToHard, ImportanceSampling
+    from effilab.core.infobatch import ScoreTable
+
+    make = {"infobatch": lambda: InfoBatch(ratio=0.5, delta=0.75, seed=0),
+            "easy_to_hard": lambda: EasyToHard(start_frac=0.5, full_at=0.5, seed=0),
+            "importance_sampling": lambda: ImportanceSampling(momentum=None, seed=0)}[technique]
+    writes = []
+    update = ScoreTable.update
+    monkeypatch.setattr(ScoreTable, "update", lambda self, idx, losses: (writes.append(idx.numel()),
+                                                                          update(self, idx, losses))[1])
+
+    class Check(Callback):
+        order = 100  # after the technique (-5) and the mixer (0)
+        checked = 0
+
+        def before_batch(self):
+            writes.clear()
+
+        def after_loss(self):
+            if not self.training:
+                return
+            mix = self.learn.cbs.filter(lambda c: isinstance(c, (MixUp, CutMix)))[0]
+            ce = CrossEntropyLossFlat(reduction="none")
+            expected = torch.lerp(ce(self.pred, *mix.yb1), ce(self.pred, *self.yb), mix.lam).detach()
+            idx = cb.plan_dl.batch_idx
+            assert writes == [idx.numel()], f"scores written {len(writes)} times in one step"
+            got = _score_table(cb).scores[idx]
+            # importance sampling draws with replacement: a repeated sample holds one of its losses
+            match = torch.isclose(got[:, None], expected.float()[None, :], rtol=1e-5) & (idx[:, None] == idx[None, :])
+            assert match.any(1).all(), f"scores {got} are not the mixed losses {expected}"
+            Check.checked += 1
+
+    cb = make()
+    mix_cb = MixUp(0.4) if mixer == "mixup" else CutMix(1.0)
+    learn = make_learner([cb, mix_cb, Check()], n=128, task="image" if mixer == "cutmix" else "tabular")
+    learn.fit(2, 1e-2)
+    assert Check.checked >= 6
+
+
+def _padded_sequence_learner(cbs, loss_func):
+    learn = make_learner(cbs, n=128, task="sequence", loss_func=loss_func)
+    for ds in (learn.dls.train.dataset, learn.dls.valid.dataset):
+        ds.y = ds.y.clone()
+        ds.y[:, 24:] = 0  # 25% padding, ignored by `ignore_index=0` losses
+    return learn
+
+
+@pytest.mark.parametrize("loss", ["sum", "mean", "ignore_index"])
+def test_with_unit_weights_the_loss_is_the_unwrapped_one_exactly(loss):
+    """InfoBatch(ratio=0) weighs every sample 1: the backpropagated and reported losses are the Learner's own,
+    on a sequence task (T=32) whatever the loss's reduction and ignored elements; each sample's score is its
+    own mean over the elements that count."""
+    from fastai.losses import CrossEntropyLossFlat
+
+    loss_func = {"sum": CrossEntropyLossFlat(reduction="sum"), "mean": CrossEntropyLossFlat(),
+                 "ignore_index": CrossEntropyLossFlat(ignore_index=0)}[loss]
+
+    class Check(Callback):
+        order = 100
+        checked = 0
+
+        def after_loss(self):
+            if not self.training or not isinstance(self.learn.loss_func, WeightedLoss):
+                return
+            expected = loss_func(self.pred, *self.yb)
+            torch.testing.assert_close(self.loss_grad, expected, rtol=1e-6, atol=0)
+            torch.testing.assert_close(self.loss, expected.detach(), rtol=1e-6, atol=0)
+            y = self.yb[0]
+            per_token = CrossEntropyLossFlat(reduction="none")(self.pred, y).view(y.shape).detach()
+            keep = (y != 0) if loss == "ignore_index" else torch.ones_like(y, dtype=torch.bool)
+            own_mean = (per_token * keep).sum(1) / keep.sum(1)
+            torch.testing.assert_close(ib.pruner.table.scores[ib.plan_dl.batch_idx], own_mean)
+            Check.checked += 1
+
+    from effilab.data.pruning import WeightedLoss
+
+    ib = InfoBatch(ratio=0.0, seed=0)
+    learn = _padded_sequence_learner([ib, Check()], loss_func)
+    learn.fit(1, 1e-3)
+    assert Check.checked == 4

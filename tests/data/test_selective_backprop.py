@@ -137,3 +137,14 @@ def test_stale_variant_has_no_host_reads_in_training_batches(monkeypatch):
     learn.fit(3, 1e-2)
     assert 16 < len(spy.per_batch) < 3 * 16
     assert [r for batch in spy.per_batch for r in batch] == []
+
+
+def test_the_exact_variant_makes_its_one_documented_host_read_per_step(monkeypatch):
+    """`fixed_size=False` reads the subset size back (`nonzero`) once per step, and nothing else: the spy
+    sees that read (it used to miss it)."""
+    spy = HostReadSpy(monkeypatch)
+    learn = make_learner([SelectiveBackprop(beta=1.0, fixed_size=False, seed=0), *spy.callbacks()], n=256)
+    learn.fit(1, 1e-2)
+    assert len(spy.per_batch) == 8
+    assert all(len(reads) == 1 and reads[0].startswith("nonzero at ") and "sampling.py" in reads[0]
+               for reads in spy.per_batch), spy.per_batch

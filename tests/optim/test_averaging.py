@@ -185,3 +185,13 @@ def test_effilab_exports():
     import effilab.optim
 
     assert effilab.EMA is EMA and effilab.optim.SWA is SWA and effilab.LAWA is LAWA
+
+
+def test_swa_starts_at_the_exact_fraction_of_the_fit():
+    """start_frac=0.28 of 25 epochs: the first averaged epoch is the one that ends at 7/25 (index 6), not 7 as
+    0.28 * 25 = 7.000000000000001 in floats would make it."""
+    swa = SWA(start_frac=0.28, validate_raw=False)
+    learn = make_learner([swa], n=64)
+    learn.fit(25, 1e-3)
+    n_averaged = [r["n_averaged"] for r in telemetry_of(learn).records("swa", "epoch")]
+    assert n_averaged.index(1) == 6 and n_averaged[-1] == 19

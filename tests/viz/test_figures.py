@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -62,7 +64,8 @@ def test_epoch_curves_follow_the_records():
 @pytest.mark.parametrize("epoch", [1, 2, None])
 def test_threshold_line_and_histogram_sums(epoch):
     t = synthetic_telemetry(n_epoch=5)
-    rec = [r for r in t.records("infobatch", "epoch") if epoch is None or r["epoch"] == epoch][-1]
+    # By default the static figure opens on the latest epoch that pruned (the last one, annealing, kept all).
+    rec = [r for r in t.records("infobatch", "epoch") if r["pruned"] if epoch is None or r["epoch"] == epoch][-1]
     tr = _traces(F.build_figure(t, epoch=epoch), "scores/infobatch")
     assert list(tr["scores/infobatch: threshold"].x) == [rec["threshold"]] * 2
     kept, resc, pruned = (sum(tr[f"scores/infobatch: {k}"].y) for k in ("kept", "rescaled", "pruned"))
@@ -74,7 +77,7 @@ def test_threshold_line_and_histogram_sums(epoch):
     assert all(c < rec["threshold"] + 1e-9 + tr["scores/infobatch: rescaled"].width[0] / 2
                for c, y in zip(centers, tr["scores/infobatch: rescaled"].y) if y)
     title = next(s for s in _titles(F.build_figure(t, epoch=epoch)) if "infobatch" in s)
-    assert f"epoch {rec['epoch']}" in title
+    assert f"epoch {rec['epoch'] + 1}" in title  # numbered from 1 in every label
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -176,7 +179,7 @@ def test_a_second_fit_shows_only_itself():
     assert list(tr["loss: valid"].x) == [1, 2]
     assert max(tr["loss: train (steps)"].x) == pytest.approx(2.0)
     assert list(tr["samples: full data"].y) == [1000, 2000]  # counts restart with the fit
-    assert list(tr["kept: infobatch"].x) == [0, 1]
+    assert list(tr["kept: infobatch"].x) == [1, 2]  # epochs numbered from 1, as everywhere
     assert len(tr["memory: rss"].x) < len(t.records("system", "step"))
     assert "fit 1" in F.summary_text(t) and "2 of 2 epochs" in F.summary_text(t)
 
@@ -185,7 +188,8 @@ def test_slider_scrubs_the_histogram_through_the_epochs():
     t = synthetic_telemetry(n_epoch=4)
     fig = F.build_figure(t)
     (slider,) = fig.layout.sliders
-    assert [s.label for s in slider.steps] == ["0", "1", "2", "3"] and slider.active == 3
+    # Numbered from 1; opens on epoch 3, the last that pruned (epoch 4 anneals: everything kept).
+    assert [s.label for s in slider.steps] == ["1", "2", "3", "4"] and slider.active == 2
     names = [tr.name for tr in fig.data]
     for step, rec in zip(slider.steps, t.records("infobatch", "epoch")):
         data, layout, idx = step.args
@@ -194,7 +198,7 @@ def test_slider_scrubs_the_histogram_through_the_epochs():
         assert data["x"][thr] == [rec["threshold"]] * 2
         pruned = idx.index(names.index("scores/infobatch: pruned"))
         assert sum(data["y"][pruned]) == rec["pruned"]
-        assert any(f"epoch {rec['epoch']}" in v for v in layout.values())
+        assert any(f"epoch {rec['epoch'] + 1}" in v for v in layout.values())
     assert not F.build_figure(t, scrub=False).layout.sliders
     assert not F.build_figure(synthetic_telemetry(n_epoch=1)).layout.sliders  # one epoch: nothing to scrub
 
@@ -207,7 +211,7 @@ def test_update_figure_copies_data_and_reports_layout_changes():
     assert F.layout_key(F.cells(t)) == F.layout_key(F.cells(later))
     assert F.update_figure(fig, later)
     assert list(_traces(fig)["loss: valid"].x) == [1, 2, 3, 4]
-    assert "epoch 3" in _titles(fig)[0]
+    assert "epoch 4" in _titles(fig)[0]
     grown = synthetic_telemetry(n_epoch=5, epochs_done=4, gpu=True)
     assert F.layout_key(F.cells(grown)) != F.layout_key(F.cells(later))
     assert not F.update_figure(fig, grown)
@@ -251,3 +255,88 @@ def test_figure_bundle_for_notebooks():
     assert set(b) == {"application/vnd.plotly.v1+json", "text/html", "text/plain"}
     assert b["application/vnd.plotly.v1+json"]["data"][0]["name"] == "loss: train (steps)"
     assert len(b["text/html"]) < 500_000 and 'src="https://cdn.plot.ly' in b["text/html"]  # not inline
+
+
+def test_one_epoch_numbering_in_every_label_and_axis():
+    t = synthetic_telemetry(n_epoch=3)
+    fig = F.build_figure(t)
+    tr = _traces(fig)
+    # Epoch k (from 1) ends at x = k on every per-epoch axis; steps run up to it.
+    for name in ("loss: valid", "metrics: accuracy", "kept: infobatch", "samples: forwarded"):
+        assert list(tr[name].x) == [1, 2, 3], name
+    assert max(tr["loss: train (steps)"].x) == pytest.approx(3.0)
+    assert [s.label for s in fig.layout.sliders[0].steps] == ["1", "2", "3"]
+    titles = " ".join(_titles(fig))
+    assert "epoch 3:" in titles and "epoch 0" not in titles
+    assert "epoch 2:" in titles  # the histogram, on the last epoch that pruned
+    assert F.status_line(t).startswith("epoch 3/3")
+    axis_titles = {ax.title.text for ax in (fig.layout[k] for k in fig.layout if k.startswith("xaxis"))}
+    assert "epochs trained" not in axis_titles and "epoch" in axis_titles
+    from effilab.viz import kept_per_epoch, score_histogram
+    assert list(kept_per_epoch(t).data[0].x) == [1, 2, 3]
+    assert "start of epoch 2" in score_histogram(t, epoch=1).layout.title.text
+
+
+def test_static_figure_opens_on_an_epoch_that_pruned():
+    t = synthetic_telemetry(n_epoch=6)  # epoch 0 keeps all (equal scores), the last one anneals
+    recs = t.records("infobatch", "epoch")
+    assert recs[-1]["pruned"] == 0 and recs[-2]["pruned"] > 0
+    fig = F.build_figure(t)
+    assert fig.layout.sliders[0].active == 4
+    title = next(s for s in _titles(fig) if s.startswith("Data decisions (infobatch)"))
+    assert "epoch 5:" in title and "annealing" not in title
+    pruned = _traces(fig)["scores/infobatch: pruned"]
+    assert sum(pruned.y) == recs[-2]["pruned"]
+    # The live figure follows the fit: the latest epoch, whatever it did.
+    live = F.build_figure(t, scrub=False, live=True)
+    assert sum(_traces(live)["scores/infobatch: pruned"].y) == 0
+    assert F.informative_epoch(recs[:1]) == 0  # nothing pruned yet: the latest
+
+
+def test_memory_axis_starts_at_zero():
+    t = synthetic_telemetry()  # RSS 500 -> 504 MB
+    for gpu in (False, True):
+        fig = F.build_figure(synthetic_telemetry(gpu=gpu))
+        cell = next(c for c in F.cells(synthetic_telemetry(gpu=gpu)) if c.key == "memory")
+        assert cell.yaxis.get("rangemode") == "tozero" or cell.yaxis["range"][0] == 0
+        axis = next(k for k in fig.layout if k.startswith("yaxis")
+                    and fig.layout[k].title.text == "MB")
+        assert fig.layout[axis].rangemode == "tozero"
+    assert t
+
+
+def test_cells_without_a_point_are_hidden():
+    t = Telemetry()
+    t.set_meta("system", device="cpu", has_gpu=False, nvml=True, note="no GPU")
+    t.set_meta("fit", n_epoch=3, n_iter=10, metric_names=["accuracy"], fit_index=0)
+    assert F.cells(t) == []  # writers announced themselves, nothing measured yet
+    t.record("fit", "step", iter=0, epoch=0, pct=0.03, train_loss=2.0)
+    assert [c.key for c in F.cells(t)] == ["loss"]  # no metrics, no memory, no GPU, no speed yet
+    t.record("system", "step", time_s=0.5, iter=3, samples_per_s=100.0, data_wait_frac=0.1, rss_mb=500.0)
+    assert [c.key for c in F.cells(t)] == ["loss", "memory", "speed", "wait"]  # still no GPU utilisation
+
+
+def test_live_title_leaves_the_status_to_the_header():
+    t = synthetic_telemetry(n_epoch=4, epochs_done=2)
+    assert F.status_line(t) in F.build_figure(t).layout.title.text
+    live = F.build_figure(t, scrub=False, live=True)
+    assert F.status_line(t) not in live.layout.title.text and "epoch" not in live.layout.title.text
+    assert F.update_figure(live, t)
+    assert "epoch" not in live.layout.title.text
+
+
+def test_lr_find_marks_sit_on_their_learning_rate():
+    lrs = [10 ** (-7 + 8 * i / 99) for i in range(100)]
+    losses = [2.0 - 0.5 * math.exp(-((math.log10(lr) + 2.5) ** 2)) for lr in lrs]
+    fig = F.lr_find_figure(lrs, losses, {"valley": 3e-3, "LR": 1e-2})
+    assert fig.layout.xaxis.type == "log"
+    # plotly.js places a shape on a log axis by its value, an annotation by the value's log10.
+    assert [(s.x0, s.x1) for s in fig.layout.shapes] == [(3e-3, 3e-3), (1e-2, 1e-2)]
+    assert [a.x for a in fig.layout.annotations] == pytest.approx([math.log10(3e-3), -2.0])
+    assert [a.text for a in fig.layout.annotations] == ["valley: 3.0e-03", "LR: 1.0e-02"]
+    # plotly's `add_vline` on a log axis gives the label's number to the line as well (what was drawn
+    # before): that line sits at 10^-2.5, outside every learning rate tried, not at the mark.
+    with pytest.raises(ValueError, match="positive learning rate"):
+        F.lr_find_figure(lrs, losses, {"valley": math.log10(3e-3)})
+    with pytest.raises(ValueError, match="as many losses"):
+        F.lr_find_figure(lrs, losses[:-1])
