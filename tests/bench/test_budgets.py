@@ -223,3 +223,46 @@ def test_cli_budget_in_steps_gives_every_recipe_the_baselines_steps(tmp_path, ca
     rc, stdout, err = _main(capsys, "--resume", str(out))
     assert rc == 0, err
     assert "resuming" in stdout and "3 of 3 runs done, 0 to go" in stdout
+
+
+# ------------------------------------------------------------------------------- techniques that follow the clock
+
+
+def _budgeted_fit(cb, amount=2048, epochs=20):
+    """A fit of at most `epochs` epochs (512 samples each) ended by a budget of `amount` samples, and the
+    budget's progress at the start of each epoch that ran."""
+    from effilab.budget import Budget
+    from effilab.callback import telemetry_of
+
+    from ..conftest import make_learner
+
+    learn = make_learner([cb])
+    learn.fit_one_cycle(epochs, 1e-2, cbs=Budget(amount, "samples"))
+    tel = telemetry_of(learn)
+    ends = [r["progress"] for r in tel.records("budget", "epoch")]
+    return tel, [0.0, *ends[:-1]], ends
+
+
+def test_infobatch_and_random_pruning_anneal_by_the_budgets_progress():
+    from effilab.data.infobatch import InfoBatch, RandomPrune
+
+    # 20 epochs are only the bound: annealing by epoch would start at epoch 10, which a budget of ~4
+    # epochs never reaches.
+    for cb, source in ((InfoBatch(ratio=0.5, delta=0.5, seed=0), "infobatch"),
+                       (RandomPrune(fraction=0.3, delta=0.5, seed=0), "random_prune")):
+        tel, starts, _ = _budgeted_fit(cb)
+        annealing = [r["annealing"] for r in tel.records(source, "epoch")]
+        assert annealing == [p >= 0.5 for p in starts], (source, starts)
+        assert True in annealing and annealing[1] is False
+
+
+def test_swa_starts_and_the_batch_size_grows_by_the_budgets_progress():
+    from effilab.optim.averaging import SWA
+    from effilab.optim.batch_size import BatchSizeSchedule
+
+    tel, _, ends = _budgeted_fit(SWA(start_frac=0.5))
+    averaged = [r["n_averaged"] for r in tel.records("swa", "epoch")]
+    assert averaged == [sum(p >= 0.5 for p in ends[: i + 1]) for i in range(len(ends))] and averaged[-1] >= 1
+    tel, starts, _ = _budgeted_fit(BatchSizeSchedule(milestones=(0.5,), factor=2))
+    sizes = [r["bs"] for r in tel.records("batch_size_schedule", "epoch")]
+    assert sizes == [64 if p >= 0.5 else 32 for p in starts] and sizes[0] == 32 and sizes[-1] == 64
