@@ -195,7 +195,7 @@ def test_cli_quick_matched_baselines_spend_what_their_technique_spent_and_flops_
 
 @pytest.mark.parametrize("args, message", [
     (["--recipe", "nosuch"], "unknown recipe 'nosuch'; valid recipes: baseline, infobatch, random-prune, fast, "
-                             "fast-reinvest; or components joined by '+': baseline, "),
+                             "fast-reinvest; or components joined by '+': activation_checkpointing, "),
     (["--recipe", "infobatch(ratio=0.3)+dashbord"], "unknown component 'dashbord'"),
     (["--recipe", "infobatch(ratoi=0.3)"],
      "does not accept 'ratoi'; it accepts: ratio, delta, momentum, seed"),
@@ -295,7 +295,7 @@ def test_resume_refuses_another_config_and_a_missing_campaign(tmp_path, capsys):
 def test_a_failing_run_is_reported_and_the_others_complete(tmp_path, capsys):
     out = tmp_path / "out"
     rc, stdout, err = _main(capsys, "--import", PLUGIN, *TINY, "--seeds", "0", "1", "--recipe", "baseline",
-                            "--recipe", "baseline+explode(at_epoch=1, seeds=[1])", "--out", str(out))
+                            "--recipe", "baseline+explode(at_epoch=1, seeds=[1])", "--out", str(out), "--no-matched")
     assert rc == 1, err
     data = _results(out)
     assert data["status"] == "failed"
@@ -316,7 +316,7 @@ def test_a_failing_run_is_reported_and_the_others_complete(tmp_path, capsys):
 def test_interrupted_campaign_keeps_finished_runs_and_resume_completes_it(tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     recipes = ["baseline", "infobatch", "random-prune+interrupt(at_epoch=0)"]
-    args = ["--import", PLUGIN, *TINY, "--seeds", "0", "1", "--out", str(out)]
+    args = ["--import", PLUGIN, *TINY, "--seeds", "0", "1", "--out", str(out), "--no-matched"]
     for r in recipes:
         args += ["--recipe", r]
     monkeypatch.setenv("EFFILAB_TEST_INTERRUPT", "1")  # Ctrl-C in the third run
@@ -346,7 +346,7 @@ def test_interrupted_campaign_keeps_finished_runs_and_resume_completes_it(tmp_pa
     assert rp0["params"]["random_prune"]["target_samples"] == first["runs"][1]["samples"]
     # Same runs as an uninterrupted campaign: counts and (CPU) accuracies.
     whole = bench.run("mnist1d", recipes, seeds=[0, 1], epochs=2, bs=64, task_kwargs={"n_samples": 600},
-                      progress=None, threads=1)
+                      progress=None, threads=1, matched=False)
     key = lambda runs: sorted((r["recipe"], r["seed"], r["samples"], r["accuracy"]) for r in runs)
     assert key(done["runs"]) == key(r.to_dict() for r in whole)
 
@@ -383,7 +383,7 @@ def test_ctrl_c_in_a_real_process_saves_the_finished_runs(tmp_path):
 
 def test_time_to_accuracy_stops_early_and_records_the_cost():
     c = bench.run("mnist1d", ["baseline", "infobatch"], seeds=[0], epochs=6, bs=64,
-                  task_kwargs={"n_samples": 1000}, target_acc=0.3, progress=None, threads=1)
+                  task_kwargs={"n_samples": 1000}, target_acc=0.3, progress=None, threads=1, matched=False)
     for r in c:
         reached = [h["epoch"] for h in r.history if h["accuracy"] >= 0.3]
         assert r.epochs_run < 6 and r.epochs_run == len(r.history) == reached[0] + 1  # stopped at the first
@@ -418,7 +418,7 @@ def test_backpropagated_samples_come_from_telemetry():
 def test_selective_backprop_counts_its_selection_pass_as_forwarded():
     # Its selection pass forwards every sample before the Learner's forward sees the smaller batch.
     c = bench.run("mnist1d", ["baseline", "selective_backprop(beta=1)"], seeds=[0], epochs=2, bs=64,
-                  task_kwargs={"n_samples": 600}, progress=None, threads=1)
+                  task_kwargs={"n_samples": 600}, progress=None, threads=1, matched=False)
     base, sb = c
     assert sb.samples == base.samples == base.full_samples
     assert sb.backpropagated == round(64 / 2) * (sb.samples // 64) < sb.samples
@@ -439,7 +439,7 @@ def test_campaign_object_recipes_file_and_image_folder(tmp_path, capsys):
                     '[[recipe]]\nname = "ib"\ncomponents = ["infobatch(ratio=0.3)"]\n'
                     '[[recipe]]\ncomponents = ["baseline"]\n')
     out = tmp_path / "out"
-    rc, stdout, err = _main(capsys, "--recipes-file", str(toml), "--out", str(out), "--model", "mlp")
+    rc, stdout, err = _main(capsys, "--recipes-file", str(toml), "--out", str(out), "--model", "mlp", "--no-matched")
     assert rc == 0, err
     data = _results(out)
     cfg = data["config"]
@@ -534,7 +534,7 @@ def test_seq_len_warmup_runs_on_pysource_and_its_work_counts_tokens(tmp_path, ca
 
 def test_work_counts_extra_and_forward_only_passes():
     c = bench.run("mnist1d", ["baseline", "sam", "selective_backprop(beta=1)"], seeds=[0], epochs=2, bs=64,
-                  task_kwargs={"n_samples": 600}, progress=None, threads=1)
+                  task_kwargs={"n_samples": 600}, progress=None, threads=1, matched=False)
     base, sam, sb = c
     assert base.work == base.samples
     extra = sum(r["extra_samples"] for r in sam.telemetry["records"]["sam"]["epoch"])
