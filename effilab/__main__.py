@@ -259,7 +259,7 @@ def bench(parser: argparse.ArgumentParser, args) -> int:
                        for r in stored["config"].get("recipes", []) if r.get("components") and not r.get("matches")]
         if not recipes:
             recipes = [get_recipe(name) for name in DEFAULT_RECIPES]
-        matched = args.matched if stored is None else args.matched and stored["config"].get("matched", True)
+        matched = args.matched if stored is None else args.matched and stored["config"].get("matched", False)
         resolve_campaign(add_matched_baselines(recipes, budget, matched))
     except RecipeError as e:
         parser.error(str(e))

@@ -332,7 +332,7 @@ def run(task="mnist1d", recipes: Iterable[str | Recipe | Mapping] = DEFAULT_RECI
         target_acc: float | None = None, device=None, options: Mapping[str, Any] | None = None,
         threads: int | None = None, progress: Any = "auto", out=None, resume: bool = False,
         overwrite: bool = False, report: bool = True, budget: str | None = None,
-        matched: bool = True) -> Campaign:
+        matched: bool = False) -> Campaign:
     """Train `make_model(task, model, width)` with `fit_one_cycle(epochs, lr)` under each recipe and seed.
 
     `task`: a task name (`effilab.bench.tasks`: mnist1d, digits, fashion-mnist, mnist, cifar10,
@@ -346,10 +346,10 @@ def run(task="mnist1d", recipes: Iterable[str | Recipe | Mapping] = DEFAULT_RECI
 
     `budget` ("samples", "steps", "flops" or "time"; None: equal epochs) gives every recipe the baseline
     recipe's full-epoch spend of the same seed as its budget (`effilab.budget.Budget` under one-cycle). In
-    both modes, with a recipe named "baseline", each other recipe (but those with `reinvest`) is followed by
-    its budget-matched baseline `baseline@<name>`: the baseline given exactly what that recipe's run of the
-    same seed spent, in the unit where it saved (samples, FLOPs, steps); not run (listed in
-    `Campaign.skipped`) when it saved nothing; `matched=False` leaves them out.
+    both modes, with `matched=True` (the command line's default) and a recipe named "baseline", each other
+    recipe (but those with `reinvest`) is followed by its budget-matched baseline `baseline@<name>`: the
+    baseline given exactly what that recipe's run of the same seed spent, in the unit where it saved
+    (samples, FLOPs, steps); not run (listed in `Campaign.skipped`) when it saved nothing.
 
     `options` reach the recipes (`fraction`: random pruning's when nothing is matched); `threads` sets
     torch's CPU threads for the duration.
@@ -387,8 +387,8 @@ def run(task="mnist1d", recipes: Iterable[str | Recipe | Mapping] = DEFAULT_RECI
               "target_acc": target_acc, "fraction": options.get("fraction"), "device": device.type}
     if budget is not None:  # absent without one: campaigns stored before budgets resume unchanged
         config["budget"] = budget
-    if not matched:
-        config["matched"] = False
+    if matched:  # absent without: campaigns stored before matched baselines resume unchanged
+        config["matched"] = True
 
     stored = None
     if out is not None:

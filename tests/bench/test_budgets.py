@@ -164,12 +164,13 @@ def test_pareto_front_keeps_what_nothing_cheaper_beats():
 def reinvested():
     """Equal epochs, two seeds: the baseline, InfoBatch, its matched baseline and InfoBatch re-invested."""
     return bench.run("mnist1d", ["baseline", "infobatch", "infobatch+reinvest"], seeds=[0, 1], epochs=3, bs=64,
-                     task_kwargs={"n_samples": 1000}, progress=None, threads=1)
+                     task_kwargs={"n_samples": 1000}, progress=None, threads=1, matched=True)
 
 
 def test_reinvested_savings_buy_more_epochs_and_the_matched_baseline_is_paired(reinvested):
     c = reinvested
     assert c.recipes == ["baseline", "infobatch", "baseline@infobatch", "infobatch+reinvest"]
+    assert c.config["matched"] is True
     for seed in (0, 1):
         runs = {r.recipe: r for r in c if r.seed == seed}
         base, ib, again = runs["baseline"], runs["infobatch"], runs["infobatch+reinvest"]
@@ -266,3 +267,12 @@ def test_swa_starts_and_the_batch_size_grows_by_the_budgets_progress():
     tel, starts, _ = _budgeted_fit(BatchSizeSchedule(milestones=(0.5,), factor=2))
     sizes = [r["bs"] for r in tel.records("batch_size_schedule", "epoch")]
     assert sizes == [64 if p >= 0.5 else 32 for p in starts] and sizes[0] == 32 and sizes[-1] == 64
+
+
+def test_list_shows_the_presets_and_reinvest(capsys):
+    rc, out, _ = _main(capsys, "--list")
+    assert rc == 0
+    lines = out.splitlines()
+    assert any(ln.split()[:1] == ["fast-reinvest"] and "more epochs" in ln for ln in lines)
+    i = lines.index("  reinvest(unit=None)")
+    assert lines[i + 1].strip().startswith("Re-invested savings:")
