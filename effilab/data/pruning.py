@@ -135,7 +135,11 @@ class EpochPruningCallback(EffilabCallback):
         self.telemetry.record(self.telemetry_name, "epoch", fit=self.fit_count, total_epochs=self.learn.n_epoch,
                               n_samples=base.n, full_epoch=full, **summary)
         self.full_total += full
-        self.plan_dl = self.learn.dl = PlanDL(base, self.plan.indices.tolist())  # sync-ok: once per epoch
+        # A loader that takes a plan as a device tensor (effilab.system.DeviceDataLoader) gathers its batches
+        # on the device; any other fastai loader follows it through host indices.
+        follow_plan = getattr(base, "follow_plan", None)
+        self.plan_dl = self.learn.dl = (follow_plan(self.plan.indices) if follow_plan is not None else
+                                        PlanDL(base, self.plan.indices.tolist()))  # sync-ok: once per epoch
         self.epoch_forwarded = 0
         self.active = True
 

@@ -100,8 +100,13 @@ class StaticPrune(WeightedPlanCallback):
         """Score every training sample with the model as it is now (training-mode forward, dropout off, no
         gradients, buffers put back). Every rank scores the whole set, so every rank chooses the same subset."""
         learn, model = self.learn, self.learn.model
-        dl = PlanDL(self.plan_dl.dl, list(range(self.table.n)))
-        dl.drop_last = False
+        base = self.plan_dl.dl
+        follow_plan = getattr(base, "follow_plan", None)  # a device loader: gathered on the device, not augmented
+        if follow_plan is not None:
+            dl = follow_plan(torch.arange(self.table.n), drop_last=False, train=False)
+        else:
+            dl = PlanDL(base, list(range(self.table.n)))
+            dl.drop_last = False
         lf = learn.loss_func
         lf = getattr(lf, "loss_func", lf) if isinstance(lf, WeightedLoss) else lf
         n_inp = getattr(learn.dls, "n_inp", 1)

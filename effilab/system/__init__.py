@@ -17,6 +17,9 @@ _LAZY = {
     "SyncFreeRecorder": "effilab.system.recorder",
     "launch": "effilab.system.launcher",
     "DeviceSmoothLoss": "effilab.system.recorder",
+    "DeviceDataLoader": "effilab.system.device_loader",
+    "DeviceDataLoaders": "effilab.system.device_loader",
+    "Augment": "effilab.core.device_data",
 }
 
 __all__ = sorted(_LAZY)
