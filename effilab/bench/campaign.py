@@ -165,6 +165,10 @@ class Campaign(Sequence):
 def _run_line(i: int, n: int, r: RunResult) -> str:
     line = (f"[{i}/{n}] {r.recipe} seed={r.seed}: acc {r.accuracy:.3f} (best {r.best_accuracy:.3f}), "
             f"{r.samples_frac:.0%} samples, {r.steps} steps, {r.wall_s:.1f} s ({r.cpu_s:.1f} s CPU)")
+    budget = (r.params or {}).get("budget")
+    if budget:
+        of = f" of {budget['matched_to']}" if budget.get("matched_to") else ""
+        line += f", on a budget of {budget['amount']:,.4g} {budget['unit']} ({budget['kind']}{of})"
     if r.target_acc is not None:
         if r.time_to_target_s is None:
             line += f", {r.target_acc:.0%} not reached"
