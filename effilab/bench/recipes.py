@@ -702,7 +702,12 @@ def spent_in(record, unit: str) -> float | None:
 
 def saved_unit(run, baseline, prefer: str | None = None) -> str | None:
     """The unit in which `run` spent less than `baseline` (by `SAVES_BELOW`): `prefer` if it did there,
-    else the first of `MATCH_UNITS`; None if it saved nothing."""
+    else the first of `MATCH_UNITS`; None if it saved nothing. A run that spent more training FLOPs than
+    the baseline saved nothing, whatever it forwarded less of (SAM on a time budget: fewer samples, each
+    twice the work)."""
+    mine, full = spent_in(run, "flops"), spent_in(baseline, "flops")
+    if mine is not None and full and mine * SAVES_BELOW > full:
+        return None
     for unit in ([prefer] if prefer in MATCH_UNITS else []) + list(MATCH_UNITS):
         mine, full = spent_in(run, unit), spent_in(baseline, unit)
         if mine is not None and full and mine < SAVES_BELOW * full:
@@ -755,7 +760,7 @@ def budget_plan(recipe: Recipe, ctx: RunContext, min_fraction: float = 0.5) -> B
         base = _peer(ctx, REFERENCE, f"the budget-matched baseline {recipe.name!r}")
         unit = saved_unit(run, base, mode)
         if unit is None:
-            raise NothingToMatch(f"{recipe.matches} spent no less than the baseline (samples, FLOPs, steps)")
+            raise NothingToMatch(f"{recipe.matches} saved nothing against the baseline (samples, FLOPs, steps)")
         amount, kind = spent_in(run, unit), "matched"
     elif mode is not None or recipe.reinvests:
         spec = next((s for s in recipe.components if s.key == "reinvest"), None)
