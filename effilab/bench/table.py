@@ -21,6 +21,9 @@ __all__ = ["format_table", "html_table", "paired_test", "summarize", "table_rows
 
 MATCHED = "baseline@"  # a budget-matched baseline's name: MATCHED + the technique's
 ALPHA = 0.05  # a paired difference over seeds counts as a win or a loss below this p-value
+# Fewer seeds give a p-value but no verdict: two near-equal differences make a t-test "significant" on one
+# degree of freedom, and an exact sign-flip test cannot go below p = 0.5.
+MIN_SEEDS = 3
 
 
 def _num(value) -> float | None:
@@ -67,7 +70,7 @@ def paired_test(diffs: Sequence[float]) -> dict:
     """Per-seed accuracy differences (technique minus its budget-matched baseline) tested against zero:
     {n, mean, p, test, verdict}. A paired t-test (scipy) for n >= 2 with spread, an exact sign-flip test
     without scipy; n < 2 or no spread: p None and verdict "n/a". Verdict "beat" / "lost" where p < `ALPHA`,
-    else "no clear difference"."""
+    else "no clear difference"; "too few seeds" below `MIN_SEEDS` (the p-value is still given)."""
     xs = [x for x in map(_num, diffs) if x is not None]
     n = len(xs)
     out = {"n": n, "mean": statistics.fmean(xs) if xs else None, "p": None, "test": None, "verdict": "n/a"}
@@ -79,7 +82,9 @@ def paired_test(diffs: Sequence[float]) -> dict:
         out["p"], out["test"] = float(stats.ttest_rel(xs, [0.0] * n).pvalue), "paired t-test"
     except ImportError:
         out["p"], out["test"] = _sign_flip_p(xs), "sign-flip permutation test"
-    if out["p"] < ALPHA:
+    if n < MIN_SEEDS:
+        out["verdict"] = "too few seeds"
+    elif out["p"] < ALPHA:
         out["verdict"] = "beat" if out["mean"] > 0 else "lost"
     else:
         out["verdict"] = "no clear difference"
@@ -267,7 +272,8 @@ def matched_text(m: Mapping | None) -> str:
     if m.get("p") is None:
         why = "1 seed" if m.get("n", 0) < 2 else "no spread over seeds"
         return f"{delta} (n={m.get('n', 0)}): n/a ({why})"
-    verdict = {"beat": f"beat {m['against']}", "lost": f"lost to {m['against']}"}.get(m["verdict"], m["verdict"])
+    verdict = {"beat": f"beat {m['against']}", "lost": f"lost to {m['against']}",
+               "too few seeds": f"too few seeds for a verdict (>= {MIN_SEEDS})"}.get(m["verdict"], m["verdict"])
     return f"{delta}, p={m['p']:.2g} (n={m['n']}): {verdict}"
 
 

@@ -131,6 +131,9 @@ def test_paired_test_and_its_cell():
     assert paired_test([-0.03, -0.031, -0.029])["verdict"] == "lost"
     assert paired_test([0.01, -0.02, 0.005])["verdict"] == "no clear difference"
     assert paired_test([0.02])["verdict"] == "n/a" and paired_test([0.02])["p"] is None
+    two = paired_test([-0.0032, -0.0033])  # two near-equal differences: a tiny p, and no verdict from it
+    assert two["p"] < 1e-2 and two["verdict"] == "too few seeds"
+    assert matched_text({"against": "b@x", **two}).endswith("(n=2): too few seeds for a verdict (>= 3)")
     cell = matched_text({"against": "baseline@ib", **t})
     assert cell == f"+1.50 pts, p={t['p']:.2g} (n=3): beat baseline@ib"
     assert matched_text({"against": "baseline@ib", **paired_test([-0.01])}) == "-1.00 pts (n=1): n/a (1 seed)"
