@@ -3,7 +3,7 @@
 Part 1, in this process (no browser): the same fit (MNIST-1D 20k, the 256-wide MLP, InfoBatch(0.5),
 `fit_one_cycle(6)`, then 24 epochs, batch 128, one thread) with no dashboard, with only the telemetry
 writers a Dashboard adds (`FitRecorder`, `SystemMonitor`), with `Dashboard(mode="static")`, with
-`Dashboard(mode="live")` at its defaults (at most 2 draws/s, and drawing within 1% of the fit's time) and
+`Dashboard(mode="live")` at its defaults (at most 4 draws/s, and drawing within 1% of the fit's time) and
 without the rate limit (`max_per_s=0`: the time budget only). In live
 mode the FigureWidget is created and updated as in a notebook; there is no front end, so the widget's
 comm is replaced by one that JSON-encodes every message as a kernel would (jupyter_client's packer) and
@@ -19,6 +19,7 @@ the telemetry and when each update was sent; the page samples, every 50 ms, how 
 how long the oldest of them had been waiting.
 
     python -m benchmarks.dashboard_overhead [--quick] [--repeats N] [--epochs N ...] [--no-browser | --browser-only]
+    python -m benchmarks.dashboard_overhead --draw-only   # part 0: the CPU cost of one draw, no training
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ BS, LR = 128, 3e-3
 ARMS = ("none", "writers", "static", "live", "live_unthrottled")
 ARM_TITLES = {"none": "no dashboard", "writers": "telemetry writers only (FitRecorder, SystemMonitor)",
               "static": "Dashboard(mode='static')",
-              "live": "Dashboard(mode='live') (default: <= 2 draws/s, within 1% of the fit's time)",
+              "live": "Dashboard(mode='live') (default: <= 4 draws/s, within 1% of the fit's time)",
               "live_unthrottled": "Dashboard(mode='live', max_per_s=0) (the 1% budget only)"}
 
 
@@ -124,7 +125,7 @@ def _learner(task, arm: str):
         cbs += writers
     if arm in ("static", "live", "live_unthrottled"):
         mode = "static" if arm == "static" else "live"
-        dash = _timed(Dashboard)(mode=mode, max_per_s=0.0 if arm == "live_unthrottled" else 2.0)
+        dash = _timed(Dashboard)(mode=mode, **({"max_per_s": 0.0} if arm == "live_unthrottled" else {}))
         cbs.append(dash)
     learn = make_learner(task, BS, seed=0, cbs=cbs, metrics=[accuracy])
     learn.remove_cb(ProgressCallback)
@@ -155,16 +156,16 @@ def _one_fit(task, arm: str, epochs: int) -> dict:
     return out
 
 
-def overhead(n_samples: int, epochs: int, repeats: int) -> dict:
+def overhead(n_samples: int, epochs: int, repeats: int, arms: tuple = ARMS) -> dict:
     from effilab.datasets import mnist1d
 
     _install_encoding_comm()
     task = mnist1d(n_samples=n_samples, seed=0)
     for arm in ("none", "live"):  # warm-up: imports, plotly's validators, the first FigureWidget
         _one_fit(task, arm, 1)
-    runs = {arm: [] for arm in ARMS}
+    runs = {arm: [] for arm in arms}
     for r in range(repeats):
-        order = ARMS[r % len(ARMS):] + ARMS[:r % len(ARMS)]
+        order = arms[r % len(arms):] + arms[:r % len(arms)]
         for arm in order:
             runs[arm].append(_one_fit(task, arm, epochs))
             print(f"  {epochs} epochs, repeat {r + 1}/{repeats} {arm:17s} {runs[arm][-1]['wall_s']:.2f} s",
@@ -177,7 +178,7 @@ def overhead_rows(res: dict) -> list[list]:
     base_wall = median([r["wall_s"] for r in runs["none"]])
     base_cpu = median([r["cpu_s"] for r in runs["none"]])
     rows = []
-    for arm in ARMS:
+    for arm in [a for a in ARMS if a in runs]:
         rs = runs[arm]
         wall, cpu = median([r["wall_s"] for r in rs]), median([r["cpu_s"] for r in rs])
         own = median([r.get("dashboard_s", 0.0) + r["writers_s"] for r in rs])
@@ -199,6 +200,60 @@ def overhead_rows(res: dict) -> list[list]:
 OVERHEAD_HEADERS = ["arm", "fit wall (s, median)", "vs none", "fit CPU (s)", "vs none",
                     "in dashboard + writers (s, share of fit)", "dashboard: open / updates / end (s)",
                     "updates", "ms / update", "sent (KB, JSON)"]
+
+
+# ---- part 0: the cost of one draw, without training
+
+
+def draw_cost(repeats: int, draws: int = 40) -> dict:
+    """CPU time of one live draw on synthetic telemetry (a 30-epoch fit, 10 epochs in, ~250 points per
+    stream), one record more per stream before each draw: the draw as plotly's property setters make it
+    (`update_figure` inside `batch_update`, what the Dashboard did before) against `figure_delta` +
+    `_send_delta` (changed traces only, binary arrays, no per-element validation). Interleaved, medians."""
+    import plotly.graph_objects as go
+
+    from effilab.viz import figures as F
+    from effilab.viz.dashboard import _send_delta
+    from tests.viz import synthetic_telemetry
+
+    _install_encoding_comm()
+
+    def setup():
+        t = synthetic_telemetry(n_epoch=30, epochs_done=10, steps_per_epoch=100)
+        snap = F.snapshot(t)
+        cs = F.cells(snap)
+        fw = go.FigureWidget(F.build_figure(snap, scrub=False, cell_list=cs, live=True))
+        return t, fw, {}
+
+    def grow(t, i):
+        t.record("schedule", "step", iter=10_000 + i, pct=0.4 + i * 1e-4, lr=1e-3, mom=0.9)
+        t.record("fit", "step", iter=10_000 + i, epoch=10, pct=0.4 + i * 1e-4, train_loss=0.5)
+        t.record("system", "step", time_s=100.0 + i, iter=10_000 + i, samples_per_s=2000.0, data_wait_frac=0.05,
+                 rss_mb=500.0)
+
+    def setters(t, fw, sent):
+        snap = F.snapshot(t)
+        cs = F.cells(snap)
+        with fw.batch_update():
+            F.update_figure(fw, snap, cs, sent)
+
+    def delta(t, fw, sent):
+        snap = F.snapshot(t)
+        _send_delta(fw, *F.figure_delta(snap, F.cells(snap), sent))
+
+    ways = {"plotly setters (before)": setters, "changed traces, binary (after)": delta}
+    out = {k: {"cpu_ms": [], "kb": []} for k in ways}
+    for r in range(repeats):
+        for name, draw in (list(ways.items()) if r % 2 == 0 else list(ways.items())[::-1]):
+            t, fw, sent = setup()
+            draw(t, fw, sent)  # the first draw sends what the figure was built with
+            b0, c0 = _Wire.bytes, time.process_time()
+            for i in range(draws):
+                grow(t, i)
+                draw(t, fw, sent)
+            out[name]["cpu_ms"].append(1e3 * (time.process_time() - c0) / draws)
+            out[name]["kb"].append((_Wire.bytes - b0) / draws / 1e3)
+    return out
 
 
 # ---- part 2: browser lag
@@ -329,7 +384,10 @@ def main(argv=None):
                    help="fit lengths for part 1 (default 6 and 24 epochs; 2 with --quick)")
     p.add_argument("--no-browser", action="store_true", help="skip part 2 (JupyterLab + Chromium)")
     p.add_argument("--browser-only", action="store_true", help="skip part 1 (the in-process overhead)")
-    p.add_argument("--throttles", type=float, nargs="+", default=[2.0, 0.0],
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS),
+                   help="the arms of part 1 (default: all; 'none' is always run, as the reference)")
+    p.add_argument("--draw-only", action="store_true", help="only the cost of one draw (no training, no browser)")
+    p.add_argument("--throttles", type=float, nargs="+", default=[4.0, 0.0],
                    help="max_per_s values for the browser part (0: unthrottled)")
     args = p.parse_args(argv)
     apply_threads(args)
@@ -340,8 +398,15 @@ def main(argv=None):
     n_samples = 4_000 if args.quick else 20_000
     payload = {"overhead": [], "overhead_tables": []}
     name = "dashboard_overhead" + ("_quick" if args.quick else "")
+    if args.draw_only:
+        res = draw_cost(repeats)
+        rows = [[k, f"{median(v['cpu_ms']):.2f}", f"{median(v['kb']):.1f}"] for k, v in res.items()]
+        print("\nOne live draw (synthetic 30-epoch fit, 10 epochs in), CPU per draw\n")
+        print(table(["draw", "CPU ms / draw (median)", "sent KB / draw"], rows))
+        write_json("dashboard_draw_cost", {"draw_cost": res, "table": rows, "loadavg_end": list(os.getloadavg())})
+        return
     for epochs in [] if args.browser_only else args.epochs or ([2] if args.quick else [6, 24]):
-        res = overhead(n_samples, epochs, repeats)
+        res = overhead(n_samples, epochs, repeats, tuple(a for a in ARMS if a == "none" or a in args.arms))
         rows = overhead_rows(res)
         print(f"\nPart 1: MNIST-1D {n_samples:,}, MLP 256, InfoBatch(0.5), fit_one_cycle({epochs}), "
               f"batch {BS}, {repeats} interleaved fits per arm\n")

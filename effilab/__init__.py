@@ -42,6 +42,24 @@ _LAZY = {
     "LambOptimizer": "effilab.optim.large_batch",
     "LarsOptimizer": "effilab.optim.large_batch",
     "LinearScaling": "effilab.optim.large_batch",
+    # budgeted training
+    "Budget": "effilab.budget.clock",
+    "fit_budget": "effilab.budget.clock",
+    "budget_of": "effilab.budget.clock",
+    "progress_of": "effilab.budget.clock",
+    "epochs_for_budget": "effilab.core.budget",
+    "cooldown_budget": "effilab.core.budget",
+    "LinearDecay": "effilab.budget.schedules",
+    "REX": "effilab.budget.schedules",
+    "WSD": "effilab.budget.schedules",
+    "ScheduleFree": "effilab.budget.schedule_free",
+    # system-centric
+    "ActivationCheckpointing": "effilab.system.checkpointing",
+    "Profiler": "effilab.system.profiler",
+    "SyncFreeRecorder": "effilab.system.recorder",
+    "DeviceDataLoader": "effilab.system.device_loader",
+    "DeviceDataLoaders": "effilab.system.device_loader",
+    "launch": "effilab.system.launcher",
 }
 
 __all__ = sorted(_LAZY)

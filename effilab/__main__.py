@@ -104,6 +104,10 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default 1: for models this small more threads gain little, and "
                         "on a busy machine they can make each step many times slower)")
+    b.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train each run on N processes under torchrun (DDP through effilab.system.distrib_ctx: "
+                        "gloo on CPU cores, NCCL on GPUs; at most the GPUs, or the CPU cores, available; "
+                        "default 1)")
     b.add_argument("--out", default=None, metavar="DIR",
                    help="output folder (default runs/bench-<timestamp>); refused if it holds results")
     b.add_argument("--resume", default=None, metavar="DIR",
@@ -250,6 +254,14 @@ def bench(parser: argparse.ArgumentParser, args) -> int:
     except RecipeError as e:
         parser.error(str(e))
 
+    nproc = args.nproc if args.nproc is not None else (stored or {}).get("config", {}).get("nproc", 1)
+    from .bench.distributed import check_nproc
+
+    try:
+        check_nproc(nproc)
+    except ValueError as e:
+        parser.error(str(e))
+
     # Recipes: the file's, then --recipe's; resuming without either, the stored campaign's.
     try:
         recipes = list(file_recipes) + [get_recipe(text) for text in args.recipe or []]
@@ -279,7 +291,7 @@ def bench(parser: argparse.ArgumentParser, args) -> int:
         campaign = run(task_spec, recipes, seeds, epochs, bs, lr, task_kwargs=kwargs, model=model,
                        width=width, target_acc=target, device=settings.get("device"), options=options,
                        threads=threads, progress="auto", out=out, resume=stored is not None,
-                       overwrite=args.overwrite, budget=budget, matched=matched)
+                       overwrite=args.overwrite, budget=budget, matched=matched, nproc=nproc)
         interrupted = False
     except (TaskError, RecipeError) as e:
         parser.error(str(e))

@@ -19,10 +19,12 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from . import store as S
+from .distributed import check_nproc, fit_distributed
 from .fit import check_device, fit_one, num_threads
 from .recipes import (
     DEFAULT_RECIPES,
@@ -30,6 +32,7 @@ from .recipes import (
     Recipe,
     RunContext,
     add_matched_baselines,
+    budget_plan,
     check_budget_unit,
     check_budgets,
     check_fits_task,
@@ -42,6 +45,29 @@ from .table import format_table, html_table, summarize
 from .tasks import MODELS, TaskError, load_task
 
 __all__ = ["Campaign", "CampaignInterrupted", "run"]
+
+
+# Components that measure a run and change nothing in it. What they cost (telemetry writers, a drawing
+# budget, a profiler's trace) is in every run of a campaign or in none, so that differences between the
+# runs come from the techniques only. Not `sync_free_recorder`: it replaces fastai's Recorder to save
+# host syncs, a technique whose effect is what a comparison measures.
+MEASURING = ("dashboard", "system_monitor", "fit_recorder", "profiler")
+
+
+def same_measuring(recipes: Sequence[Recipe]) -> list[Recipe]:
+    """Each recipe with every measuring component (`MEASURING`) that a recipe of the campaign has, added
+    with the first such recipe's arguments where it lacks it."""
+    found: dict = {}
+    for recipe in recipes:
+        for spec in recipe.components:
+            if spec.key in MEASURING:
+                found.setdefault(spec.key, spec)
+    out = []
+    for recipe in recipes:
+        have = {spec.key for spec in recipe.components}
+        missing = tuple(spec for key, spec in found.items() if key not in have)
+        out.append(replace(recipe, components=recipe.components + missing) if missing else recipe)
+    return out
 
 
 class CampaignInterrupted(KeyboardInterrupt):
@@ -336,7 +362,7 @@ def run(task="mnist1d", recipes: Iterable[str | Recipe | Mapping] = DEFAULT_RECI
         target_acc: float | None = None, device=None, options: Mapping[str, Any] | None = None,
         threads: int | None = None, progress: Any = "auto", out=None, resume: bool = False,
         overwrite: bool = False, report: bool = True, budget: str | None = None,
-        matched: bool = False) -> Campaign:
+        matched: bool = False, nproc: int = 1) -> Campaign:
     """Train `make_model(task, model, width)` with `fit_one_cycle(epochs, lr)` under each recipe and seed.
 
     `task`: a task name (`effilab.bench.tasks`: mnist1d, digits, fashion-mnist, mnist, cifar10,
@@ -356,7 +382,8 @@ def run(task="mnist1d", recipes: Iterable[str | Recipe | Mapping] = DEFAULT_RECI
     (samples, FLOPs, steps); not run (listed in `Campaign.skipped`) when it saved nothing.
 
     `options` reach the recipes (`fraction`: random pruning's when nothing is matched); `threads` sets
-    torch's CPU threads for the duration.
+    torch's CPU threads for the duration. `nproc` > 1: each run trains on
+    that many processes under `torchrun` (DDP, see `effilab.bench.distributed`).
 
     Every setting, the device, the task's size and each recipe's fit to the task are checked before any
     training (`ValueError`, `TaskError`, `RecipeError`). A run that raises is recorded as a `RunFailure`
@@ -375,13 +402,15 @@ def run(task="mnist1d", recipes: Iterable[str | Recipe | Mapping] = DEFAULT_RECI
     seeds = list(seeds)
     _check_settings(seeds, epochs, bs, lr, target_acc, model, threads, width)
     check_budget_unit(budget)
-    recipe_objs = resolve_campaign(add_matched_baselines([get_recipe(r) for r in recipes], budget, matched))
+    recipe_objs = same_measuring(resolve_campaign(add_matched_baselines([get_recipe(r) for r in recipes],
+                                                                        budget, matched)))
     if not recipe_objs:
         raise ValueError("need at least one recipe")
     options = dict(options or {})
     if budget is not None:
         options["budget"] = budget
     device = check_device(device)
+    check_nproc(nproc)
     if isinstance(task, TaskData):
         task_spec, kwargs = task.name, None
     else:
@@ -393,6 +422,8 @@ def run(task="mnist1d", recipes: Iterable[str | Recipe | Mapping] = DEFAULT_RECI
         config["budget"] = budget
     if matched:  # absent without: campaigns stored before matched baselines resume unchanged
         config["matched"] = True
+    if nproc > 1:  # only then: campaigns stored before the option existed still resume
+        config["nproc"] = nproc
 
     stored = None
     if out is not None:
@@ -442,7 +473,11 @@ def run(task="mnist1d", recipes: Iterable[str | Recipe | Mapping] = DEFAULT_RECI
                 bar.start_run(recipe.name, seed)
                 t0 = time.perf_counter()
                 try:
-                    fit = fit_one(task, recipe, ctx, device, model, width, target_acc, bar.on_epoch)
+                    if nproc > 1:
+                        budget_plan(recipe, ctx)  # a matched baseline with nothing to match: skipped here
+                        fit = fit_distributed(task, recipe, ctx, device, model, width, target_acc, nproc, threads)
+                    else:
+                        fit = fit_one(task, recipe, ctx, device, model, width, target_acc, bar.on_epoch)
                     record = RunResult.from_fit(fit, recipe, seed, task.name, epochs, bs, lr, target_acc,
                                                 device.type)
                 except NothingToMatch as e:

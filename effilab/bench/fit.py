@@ -210,6 +210,16 @@ def _cuda_peak_from_telemetry(telemetry: Mapping) -> float | None:
     return max(peaks) if peaks else None
 
 
+def _sum_over_ranks(n: int) -> int:
+    import torch.distributed as dist
+
+    from ..core.distributed import collective_device
+
+    t = torch.tensor([n], dtype=torch.int64, device=collective_device())
+    dist.all_reduce(t)
+    return int(t.item())  # sync-ok: once, after the fit
+
+
 @contextlib.contextmanager
 def seeded(seed: int):
     """fastai's `set_seed(seed, reproducible=True)` for the duration of one run; the caller's random,
@@ -300,8 +310,8 @@ def check_device(spec) -> torch.device:
 # ------------------------------------------------------------------------------------------ what a run spent
 
 # Work counts forward+backward passes in samples at full size. A forward pass alone (Selective Backprop's
-# selection pass) counts a third: backward costs about twice the forward (2N vs 4N FLOPs per sample and
-# parameter, Kaplan et al. 2020).
+# selection pass, static pruning's scoring pass) counts a third: backward costs about twice the forward
+# (2N vs 4N FLOPs per sample and parameter, Kaplan et al. 2020).
 FORWARD_SHARE = 1 / 3
 
 
@@ -365,14 +375,22 @@ def _extra_passes(telemetry: Mapping) -> int:
                for r in streams.get("epoch", []))
 
 
+def _forward_only(telemetry: Mapping) -> int:
+    """Samples given a forward pass without backward besides the Learner's training forwards, as techniques
+    report them (`forward_only_samples`, in any record of any source, or in a source's meta for a one-off
+    pass): Selective Backprop's selection pass, static pruning's scoring pass, the BatchNorm passes of SWA
+    and schedule-free, LSUV's initialisation forwards."""
+    key = "forward_only_samples"
+    records = sum(int(r.get(key) or 0) for streams in telemetry.get("records", {}).values()
+                  for recs in streams.values() for r in recs)
+    return records + sum(int(m.get(key) or 0) for m in telemetry.get("meta", {}).values())
+
+
 def work_of(learner_samples: int, telemetry: Mapping) -> float:
     """Samples-equivalent forward+backward passes at full size: the Learner's training forwards (each
-    backpropagated), plus a technique's forward-only pass before them (counted `FORWARD_SHARE`), plus
-    the extra forward+backward passes of SAM, all scaled by the share of pixels or tokens forwarded."""
-    forward_only = _forwarded(telemetry) or 0
-    if forward_only <= learner_samples:  # no pass the Learner's counter missed
-        forward_only = 0
-    passes = learner_samples + FORWARD_SHARE * forward_only + _extra_passes(telemetry)
+    backpropagated), plus the techniques' forward-only passes (counted `FORWARD_SHARE`), plus the extra
+    forward+backward passes of SAM, all scaled by the share of pixels or tokens forwarded."""
+    passes = learner_samples + FORWARD_SHARE * _forward_only(telemetry) + _extra_passes(telemetry)
     return passes * _size_fraction(telemetry)
 
 
@@ -430,9 +448,12 @@ class Fit:
 
 def fit_one(task, recipe: Recipe, ctx: RunContext, device: torch.device, model: str = "small",
             width: int | None = None, target_acc: float | None = None,
-            on_epoch: Callable[[int], None] | None = None) -> Fit:
+            on_epoch: Callable[[int], None] | None = None, distributed: bool = False) -> Fit:
     """Fit `make_model(task, model, width)` on `task` under `recipe` with `fit_one_cycle(ctx.epochs,
     ctx.lr)`, seeded with `ctx.seed`, and measure it. A fit that forwarded no training sample raises.
+
+    `distributed`: inside `effilab.system.distrib_ctx` (one process of a `torchrun` launch): the samples
+    counted are all ranks' (summed at the end), the times and memory this rank's.
 
     A recipe with a budget (`recipes.budget_plan`: under `--budget`, `reinvest`, a budget-matched
     baseline) trains under `effilab.budget.Budget` instead: one-cycle over the budget's progress, within
@@ -473,8 +494,14 @@ def fit_one(task, recipe: Recipe, ctx: RunContext, device: torch.device, model: 
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start, cpu_start = time.perf_counter(), time.process_time()
-        with learn.no_logging():
+        if distributed:
+            from ..system.distributed import distrib_ctx
+        with learn.no_logging(), distrib_ctx(learn) if distributed else contextlib.nullcontext():
             learn.fit_one_cycle(ctx.epochs if plan is None else plan.epochs, ctx.lr)
+            if distributed:  # each rank forwarded its shard; the techniques' telemetry counts whole plans
+                counter.forwarded = _sum_over_ranks(counter.forwarded)
+                if counter.flops is not None:
+                    counter.flops = _sum_over_ranks(counter.flops)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start

@@ -54,7 +54,8 @@ class ScheduleFree(EffilabCallback):
 
     **Measured.** In the `LinearDecay` comparison (MNIST-1D, 8k samples, small MLP, lr 1e-2, 3 seeds)
     schedule-free AdamW reached 64.7 +- 0.6% at 2 epochs of samples (one-cycle 60.1 +- 1.9) and 76.4 +- 0.8%
-    at 8 (one-cycle 75.2 +- 0.9), with the 50-batch BatchNorm pass after each epoch (not in the budget).
+    at 8 (one-cycle 75.2 +- 0.9), with the 50-batch BatchNorm pass after each epoch (not in the budget; the
+    bench's work column counts it as forward-only work).
 
     **Use.** `Learner(dls, model, cbs=ScheduleFree())` then `learn.fit(...)` or `fit_budget(...,
     schedule="schedule_free")`. Given at `Learner(...)` the optimizer stays on the Learner between fits
@@ -67,7 +68,8 @@ class ScheduleFree(EffilabCallback):
 
     **Saves.** The stopping time: no budget needs to be known in advance (one run, evaluated anytime).
 
-    **Telemetry.** Source `"schedule_free"`, stream `"epoch"` {fit, epoch, lr, beta, bn_samples}.
+    **Telemetry.** Source `"schedule_free"`, stream `"epoch"` {fit, epoch, lr, beta, bn_samples,
+    forward_only_samples} (both the BatchNorm pass's samples; the bench's work column reads the second).
     """
 
     order = 65  # after fastai's ParamScheduler (60): this callback has the last word on lr and momentum
@@ -154,7 +156,8 @@ class ScheduleFree(EffilabCallback):
         self._optimizer_mode(False)
         self._bn_samples = self._recompute_bn()
         self.telemetry.record(self.telemetry_name, "epoch", fit=self.fit_count, epoch=self.learn.epoch,
-                              lr=float(self.learn.opt.hypers[0]["lr"]), beta=self.beta, bn_samples=self._bn_samples)
+                              lr=float(self.learn.opt.hypers[0]["lr"]), beta=self.beta, bn_samples=self._bn_samples,
+                              forward_only_samples=self._bn_samples)  # the BatchNorm pass: work, not free
 
     def _recompute_bn(self) -> int:
         if not self.bn_batches or getattr(self.learn.dls, "n_inp", 1) != 1:

@@ -22,7 +22,7 @@ def _budget_anneals(learn, delta: float) -> bool | None:
 
 
 class InfoBatch(WeightedPlanCallback):
-    """InfoBatch: lossless training speed-up by unbiased dynamic data pruning.
+    """InfoBatch: prune well-learned samples each epoch, rescale the rest: fewer samples forwarded and backpropagated.
 
     **What it does.** Keeps each training sample's latest loss as its score. At the start of every
     epoch the samples scoring below the mean ("well learned") are dropped with probability `ratio`; the
@@ -32,8 +32,14 @@ class InfoBatch(WeightedPlanCallback):
     progress at `delta` or more). The first epoch trains on everything (all scores start equal). Validation is never
     pruned.
 
-    **Paper.** Qin et al., ICLR 2024 (Oral), arXiv 2303.04947. CIFAR-10/100 ResNet-18 lossless at
-    ratio 0.3-0.5; ImageNet ResNet-50 76.5 vs 76.4 with 40% of the samples saved.
+    **Paper.** Qin et al., "InfoBatch: Lossless Training Speed Up by Unbiased Dynamic Data Pruning", ICLR
+    2024 (Oral), arXiv 2303.04947. The paper reports full-data accuracy for CIFAR-10/100 ResNet-18 at ratio
+    0.3-0.5 and ImageNet ResNet-50 76.5 vs 76.4 with 40% of the samples saved. "Lossless" is the paper's claim,
+    not a guarantee: on the main job's small MLP (README) InfoBatch cost 0.87 points for 32% fewer samples.
+
+    **What it saves.** Compute: samples forwarded and backpropagated (and the steps they make), at some cost
+    in accuracy that the paper finds negligible on long runs and that can be measured against
+    `RandomPrune` at the same count. Its score bookkeeping costs a little per step.
 
     **Defaults.** `ratio=0.5`, `delta=0.875` (the paper's). `ratio` is a probability, not the fraction of
     the dataset saved: expect ~25-40% fewer samples forwarded depending on the loss distribution and the

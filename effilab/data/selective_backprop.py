@@ -61,7 +61,8 @@ class SelectiveBackprop(WeightedPlanCallback):
 
     **Telemetry** (source `"selective_backprop"`): stream `"samples"` per epoch with `forwarded`,
     `forwarded_total`, `backpropagated`, `backpropagated_total` (selection pass + training pass count
-    once as forwarded); stream `"epoch"` the plan (stale: kept / pruned and a score histogram).
+    once as forwarded), `forward_only_samples` (the selection pass: the bench's work column counts it as
+    forward-only work); stream `"epoch"` the plan (stale: kept / pruned and a score histogram).
     """
 
     telemetry_name = "selective_backprop"
@@ -181,6 +182,7 @@ class SelectiveBackprop(WeightedPlanCallback):
         self.telemetry.record(self.telemetry_name, "samples", fit=self.fit_count, epoch=self.learn.epoch,
                               forwarded=forwarded, forwarded_total=self.forwarded, backpropagated=backpropagated,
                               backpropagated_total=self.backpropagated, full_total=self.full_total,
+                              forward_only_samples=0 if self.stale else forwarded,
                               expected_fraction=1.0 / (1.0 + self.beta))
         self._deactivate()
 

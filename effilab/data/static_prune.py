@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..callback import per_sample_losses
+from ..core.distributed import all_reduce_sum
 from ..core.infobatch import EpochPlan, ScoreTable, derive_seed, random_plan
 from ..core.sampling import el2n, hardest, static_plan
 from ..registry import register
@@ -34,9 +35,12 @@ class StaticPrune(WeightedPlanCallback):
     runs). The static baseline that dynamic pruning (InfoBatch, Qin et al. 2024, Table 1) is compared
     against.
 
-    **Defaults.** `fraction=0.3` (the pruned share), `score="el2n"`, `score_epoch=1`. The scoring pass
-    costs one forward over the training set (no backward), once. Expect a loss of accuracy that grows
-    with `fraction` (the paper: none up to ~30-50% on CIFAR-10 with a well-trained scorer).
+    **What it saves.** Compute: after the scoring epochs, `fraction` of the samples forwarded and
+    backpropagated. It spends one forward over the training set (no backward) once, for scoring: about a
+    third of a full-data epoch's work, which the bench's work column counts. Nothing in memory.
+
+    **Defaults.** `fraction=0.3` (the pruned share), `score="el2n"`, `score_epoch=1`. Expect a loss of
+    accuracy that grows with `fraction` (the paper: none up to ~30-50% on CIFAR-10 with a well-trained scorer).
 
     **Use.** `Learner(dls, model, loss_func=CrossEntropyLossFlat(), cbs=StaticPrune(0.3))`;
     `score="loss"` for any per-sample loss, `"el2n"` for classification logits and integer labels.
@@ -46,7 +50,8 @@ class StaticPrune(WeightedPlanCallback):
     Inactive during `lr_find`.
 
     **Telemetry** (source `"static_prune"`): per epoch kept / pruned counts, the score histogram split
-    into kept and pruned (after scoring) with the cut-off score (threshold); samples forwarded.
+    into kept and pruned (after scoring) with the cut-off score (threshold); samples forwarded; stream
+    `"scoring"` {fit, epoch, forward_only_samples}: the samples the scoring pass forwarded.
     """
 
     telemetry_name = "static_prune"
@@ -91,14 +96,17 @@ class StaticPrune(WeightedPlanCallback):
 
     def after_train(self):
         if self.active and self.scoring:
-            self._score_all()
+            (scored,) = all_reduce_sum([self._score_all()])  # every rank scores the whole set
             self.subset = hardest(self.table.scores, self.fraction)
+            self.telemetry.record(self.telemetry_name, "scoring", fit=self.fit_count, epoch=self.learn.epoch,
+                                  forward_only_samples=scored)
         super().after_train()
 
     @torch.no_grad()
-    def _score_all(self) -> None:
+    def _score_all(self) -> int:
         """Score every training sample with the model as it is now (training-mode forward, dropout off, no
-        gradients, buffers put back). Every rank scores the whole set, so every rank chooses the same subset."""
+        gradients, buffers put back); returns the samples forwarded. Every rank scores the whole set, so every
+        rank chooses the same subset."""
         learn, model = self.learn, self.learn.model
         base = self.plan_dl.dl
         follow_plan = getattr(base, "follow_plan", None)  # a device loader: gathered on the device, not augmented
@@ -112,6 +120,7 @@ class StaticPrune(WeightedPlanCallback):
         n_inp = getattr(learn.dls, "n_inp", 1)
         was_training = model.training
         buffers = [b.clone() for b in model.buffers()]  # BatchNorm's running statistics
+        forwarded = 0
         model.train()
         for m in model.modules():
             if isinstance(m, nn.modules.dropout._DropoutNd):
@@ -123,11 +132,13 @@ class StaticPrune(WeightedPlanCallback):
                 n = dl.batch_idx.numel()
                 score = per_sample_losses(lf, pred, *yb, n=n) if self.score == "loss" else el2n(pred, yb[0])
                 self.table.update(dl.batch_idx, score)
+                forwarded += n
         finally:
             for b, saved in zip(model.buffers(), buffers):
                 b.copy_(saved)
             model.train(was_training)
         self.table.sync()
+        return forwarded
 
     def state_dict(self) -> dict:
         return super().state_dict() | {"table": None if self.table is None else self.table.state_dict(),

@@ -48,6 +48,9 @@ class ModelGrowth(EffilabCallback):
     Measured (`benchmarks/model_depth_growth.py`): `resnet_small` deepened from 2 to 5 blocks at 25% and 50%
     of the run spends 26% fewer training FLOPs than the 5-block model throughout (38.8M, 60.4M, 103.8M
     FLOPs per sample in the three stages). Whether it reaches the same accuracy is for the campaign to show.
+    Not in the bench's work column: the check of each event (two eval-mode forwards of one batch) and the FLOP
+    counts (a forward and backward of 2 samples per stage), a few batches against the fit's thousands; nor
+    the saving itself, which is in FLOPs per sample, not in samples: read `saved_frac`.
 
     **Defaults.** `at=(0.25, 0.5)`, `op="deepen"`, `factor=2.0` (widen), `noise=0.01` (widen), `tol=1e-5`.
     Events happen once per callback (a second fit trains the grown model on; `load_checkpoint` regrows a fresh

@@ -163,8 +163,9 @@ class LSUVInit(InitCallback):
     **Paper.** Mishkin & Matas, "All you need is a good init", ICLR 2016 (deep thin nets without BatchNorm
     train; similar accuracy to BN nets at lower cost per step).
 
-    **What it saves.** Nothing per step; costs up to `max_iter + 1` forwards of one batch per layer once.
-    May save steps to a target on networks without normalisation.
+    **What it saves.** Nothing per step; costs up to `max_iter + 1` forwards of one batch per layer once
+    (telemetry meta `forward_only_samples`, which the bench's work column counts). May save steps to a
+    target on networks without normalisation.
 
     **Defaults.** `tol=0.1`, `max_iter=10` (the reference implementation's), `seed=0` (orthogonal init).
     Telemetry meta `"lsuv"`: one row per layer {layer, std_before, std_after, iterations}.
@@ -188,7 +189,8 @@ class LSUVInit(InitCallback):
         x = xb[0].as_subclass(torch.Tensor)
         gen = torch.Generator(device=x.device).manual_seed(self.seed)
         rows = lsuv_(self.model, x, self.tol, self.max_iter, generator=gen)
-        return {"layers": rows}
+        # Each layer's forwards of the whole model on the batch: work the bench counts (forward only).
+        return {"layers": rows, "forward_only_samples": len(x) * sum(r["iterations"] + 1 for r in rows)}
 
 
 class WhitenFirstConv(InitCallback):
@@ -207,7 +209,8 @@ class WhitenFirstConv(InitCallback):
     36 s on a V100).
 
     **What it saves.** Steps to a target accuracy (a better-conditioned input); with `freeze=True` also the
-    first layer's weight gradient (small). Nothing per step otherwise.
+    first layer's weight gradient (small). Nothing per step otherwise. Its one-off cost, the covariance of
+    the images' patches, runs no model pass, so the bench's work column (model passes) does not count it.
 
     **Defaults.** `n_images=5000` (airbench's), `eps=5e-4`, `freeze=True`. Telemetry meta `"whiten"`:
     {layer, eigenvalues}.

@@ -340,7 +340,8 @@ class SWA(WeightAveraging):
     with `fit_one_cycle` the tail is annealed): use `fit` for a constant learning rate.
 
     **Use.** `Learner(..., cbs=SWA(start_frac=0.75))`. Costs one forward pass over the training set per
-    averaged epoch (for the validation of the average) when the model has BatchNorm layers.
+    averaged epoch (for the validation of the average) when the model has BatchNorm layers; the bench's
+    work column counts it (`forward_only_samples`).
 
     **Interactions.** Recomputes BatchNorm on every rank over the whole training set and averages the
     statistics across ranks under DDP. Models with several inputs are not supported for the BatchNorm
@@ -389,7 +390,7 @@ class SWA(WeightAveraging):
         self._bn_fresh = True
 
     def epoch_record(self):
-        return {"bn_samples": self._bn_samples}
+        return {"bn_samples": self._bn_samples, "forward_only_samples": self._bn_samples}  # the bench's work
 
     def state_dict(self):
         return super().state_dict() | {"bn_fresh": self._bn_fresh}

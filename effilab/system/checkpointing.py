@@ -42,7 +42,10 @@ class ActivationCheckpointing(EffilabCallback):
     **What it SAVES: memory, at the price of compute.** Activation memory of the checkpointed blocks (about
     all but their inputs), for roughly one extra forward of those blocks per step (~+20-35% step time with
     whole blocks; less with `selective`). Spend the memory on a larger batch or model; alone it makes
-    training slower. `benchmarks/checkpointing.py` measures peak memory against step time.
+    training slower. `benchmarks/checkpointing.py` measures peak memory against step time. The
+recomputation is not in the bench's work column (whole-sample passes): its share of a forward depends on
+which blocks are checkpointed and, with `selective`, on which ops; read its cost in the step time. Nor is
+the measuring forward of two samples per fit, a negligible share of any fit.
 
     **Interactions.** Restores the original forwards at the end of the fit and when a fit is cancelled or
     interrupted. Works under DDP (non-reentrant checkpointing) and autocast (replayed in the same

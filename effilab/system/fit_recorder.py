@@ -12,6 +12,7 @@ from fastai.learner import SkipToEpoch
 from ..callback import EffilabCallback
 from ..core.probe import HostCopy
 from ..registry import register
+from .recorder import SyncFreeRecorder
 
 __all__ = ["FitRecorder", "planned_schedule"]
 
@@ -56,8 +57,13 @@ class FitRecorder(EffilabCallback):
 
     **Use.** `Learner(..., cbs=FitRecorder())`, then any `fit*`; cost per step: a few attribute reads.
 
+    With a `SyncFreeRecorder` on the Learner it reads no loss at all: the recorder's own reads (source
+    `"recorder"`, stream `"read"`) are the training curve, and the step records carry no `train_loss`.
+
     **Telemetry.** Source `"fit"`: meta `n_epoch`, `n_iter` (batches of the first epoch), `bs`, `n_train`,
-    `metric_names`, `fit_index`; stream `"step"` {`iter`, `epoch`, `pct`, `train_loss`}; stream `"epoch"`
+    `metric_names`, `fit_index`, `train_loss_from` (`"fit"`: this stream; `"recorder"`: the sync-free
+    recorder's reads); stream `"step"` {`iter`, `epoch`, `pct`, `train_loss` (none with a
+    `SyncFreeRecorder`)}; stream `"epoch"`
     {`epoch`, `train_loss`, `valid_loss`, each metric, `time_s`}. Source `"schedule"`: meta `planned`
     {key: {`pct`, `value`}} (keys `lr`, `mom`, ... or `lr/g0`, `lr/g1` when parameter groups differ; only
     hypers that move); stream `"step"` {`iter`, `pct`, key: actual value}. `iter` is the step's index in
@@ -77,15 +83,19 @@ class FitRecorder(EffilabCallback):
         names = list(getattr(getattr(learn, "recorder", None), "metric_names", []))
         metrics = [n for n in names if n not in ("epoch", "train_loss", "valid_loss", "time")]
         dl = learn.dls.train
+        # With a SyncFreeRecorder the loss is read on the host only at its read points, which it writes
+        # (source "recorder"): no read here, and the dashboard draws those.
+        sync_free = any(isinstance(cb, SyncFreeRecorder) for cb in learn.cbs)
         tel.set_meta("fit", n_epoch=learn.n_epoch, n_iter=len(learn.dl), bs=getattr(dl, "bs", None),
-                     n_train=getattr(dl, "n", None), metric_names=metrics, fit_index=fit_index)
+                     n_train=getattr(dl, "n", None), metric_names=metrics, fit_index=fit_index,
+                     train_loss_from="recorder" if sync_free else "fit")
         planned, where = planned_schedule(learn)
         # Other techniques keep their own planned keys; this fit's optimiser keys replace the last fit's.
         merged = {k: v for k, v in tel.meta("schedule").get("planned", {}).items() if k not in self._owned}
         self._owned = frozenset(planned)
         tel.set_meta("schedule", planned=merged | planned)
         # Per-fit state in a plain namespace: setting a Callback attribute costs a Learner lookup (~8 us).
-        self._run = SimpleNamespace(where=where, copy=HostCopy(), pending=None, since=0,
+        self._run = SimpleNamespace(where=where, copy=None if sync_free else HostCopy(), pending=None, since=0,
                                     last_t=float("-inf"), in_epoch=False, training=False,
                                     t_epoch=time.perf_counter())
 
@@ -133,16 +143,20 @@ class FitRecorder(EffilabCallback):
             it, pct = learn.train_iter - 1, learn.pct_train - 1.0 / (learn.n_iter * learn.n_epoch)
             sched = {k: float(hypers[g][name]) for k, (name, g) in run.where.items()}
             run.pending = ({"iter": it, "epoch": learn.epoch, "pct": pct}, sched)
-            run.copy.put(getattr(learn, "smooth_loss", None))
-            if not run.copy.deferred:
+            if run.copy is None:
                 self._flush()
+            else:
+                run.copy.put(getattr(learn, "smooth_loss", None))
+                if not run.copy.deferred:
+                    self._flush()
 
     def _flush(self):
         run = self._run
         if run is None or run.pending is None:
             return
         (fit, sched), run.pending = run.pending, None
-        self.telemetry.record("fit", "step", **fit, train_loss=run.copy.get())
+        loss = {} if run.copy is None else {"train_loss": run.copy.get()}
+        self.telemetry.record("fit", "step", **fit, **loss)
         if sched:
             self.telemetry.record("schedule", "step", iter=fit["iter"], pct=fit["pct"], **sched)
 

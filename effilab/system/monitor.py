@@ -21,6 +21,7 @@ from ..registry import register
 __all__ = ["DATASHEET_TFLOPS", "SystemMonitor", "datasheet_peak", "measured_cpu_peak", "oom_report", "peak_flops"]
 
 _MB = 2.0**20
+_PER_BATCH = frozenset(("before_batch", "after_backward", "after_batch", "after_cancel_batch"))
 
 # Dense tensor-core (or FP32 unit) peaks from the vendors' datasheets, in TFLOP/s, per GPU: the sparse
 # figures the datasheets headline are halved. Matched against the CUDA device name in this order (the
@@ -197,7 +198,8 @@ class SystemMonitor(EffilabCallback):
     queue's depth, which averaging over `every_s` absorbs.
 
     **Overhead.** Two clock reads and a batch-size lookup per training batch, about 10-20 us on a busy
-    2-core CPU; one psutil (~25 us), allocator and NVML read every `every_s`. Validation batches are not
+    2-core CPU (the per-batch handlers are called directly, not through fastai's per-event dispatch); one
+    psutil (~25 us), allocator and NVML read every `every_s`. Validation batches are not
     timed. CUDA's peak-memory statistic is reset at each epoch (process-wide).
 
     **Model FLOPs utilisation.** At the first training step of each epoch the forward and backward passes
@@ -206,7 +208,8 @@ class SystemMonitor(EffilabCallback):
     The peak (`peak_flops=` overrides it) is the dense datasheet figure for known GPUs (`DATASHEET_TFLOPS`,
     in the precision the fit computes in: bf16/fp16 under fastai's `MixedPrecision`, TF32 or FP32
     otherwise) and, on a CPU, a measured 512x512 matmul (once per process). Extra passes a technique
-    makes (SAM's second step, recomputation) are work the MFU does not count: they lower it.
+    makes (SAM's second step, recomputation) are work the MFU does not count: they lower it. The counted
+    step is the fit's own, not an extra pass, so the bench's work column has nothing to add for it.
 
     **Memory on CUDA.** `memory_snapshot="mem.pickle"` records the allocator's history (with the Python
     stack of every allocation) for the first `snapshot_steps` training steps and saves it for PyTorch's
@@ -276,7 +279,7 @@ class SystemMonitor(EffilabCallback):
         t0 = time.perf_counter()
         self._run = SimpleNamespace(probe=probe, meter=ThroughputMeter(), t0=t0, last=t0, in_epoch=False, peak=peak,
                                     flop_mode=None, flops_per_sample=None, count_next=self.count_flops,
-                                    snapshot=None, steps=0)
+                                    snapshot=None, steps=0, training=False)
         if probe.is_cuda and self.memory_snapshot is not None:
             torch.cuda.memory._record_memory_history(max_entries=100_000)
             self._run.snapshot = Path(self.memory_snapshot)
@@ -301,8 +304,18 @@ class SystemMonitor(EffilabCallback):
         run.probe.reset_peak()
         run.meter.reset()
         run.meter.resume()
-        run.in_epoch = True
+        run.in_epoch = run.training = True
         run.count_next = self.count_flops  # the epoch's first step: sizes may change between epochs
+
+    def __call__(self, event_name):
+        # The per-batch handlers, called straight away: fastai's dispatch reads `learn.training` through two
+        # attribute delegations per callback and event (~5 us); `run.training` says the same for these.
+        if event_name in _PER_BATCH:
+            run = self._run
+            if run is not None and run.training:
+                getattr(self, event_name)()
+            return None
+        return super().__call__(event_name)
 
     def before_batch(self):
         run = self._run
@@ -363,8 +376,10 @@ class SystemMonitor(EffilabCallback):
         self._stop_counting()
 
     def after_train(self):
-        if self._run is not None and self._run.in_epoch:
-            self._run.meter.pause()
+        if self._run is not None:
+            self._run.training = False
+            if self._run.in_epoch:
+                self._run.meter.pause()
 
     def after_epoch(self):
         run = self._run

@@ -30,11 +30,11 @@ from .static import KEPT, PRUNED, RESCALED
 
 __all__ = ["PANELS", "PANEL_TITLES", "Cell", "Snapshot", "build_figure", "cells", "data_sources", "epoch_number",
            "figure_bundle", "informative_epoch", "layout_key", "lr_find_figure", "panels", "report_html", "snapshot",
-           "status", "status_line", "summary_text", "update_figure"]
+           "status", "status_line", "summary_text", "update_figure", "figure_delta"]
 
 PANELS = ("training", "data", "schedules", "memory", "throughput")
 PANEL_TITLES = {"training": "Training", "data": "Data decisions", "schedules": "Schedules",
-                "memory": "Memory", "throughput": "Throughput and savings"}
+                "memory": "Memory", "throughput": "Throughput, MFU, data wait and savings"}
 DATA_KEYS = ("hist_kept", "hist_pruned", "hist_edges", "threshold")
 MAX_POINTS = 1500  # per trace: a long fit is thinned for drawing (the telemetry keeps everything)
 ROW_PX = 250
@@ -42,6 +42,11 @@ _NOT_METRICS = ("epoch", "train_loss", "valid_loss", "time_s", "fit")
 _DATA_FIELDS = ("x", "y", "width")  # what a live update changes in a trace; names and styles stay
 # From zero: autoscaled to its own span, a 0.8 MB change of a 500 MB process would fill the axis.
 MEMORY_YAXIS = {"title": "MB", "rangemode": "tozero"}
+# One line each that says what the memory panel plots.
+MEMORY_RSS_TITLE = ("Memory: process RSS, the RAM this Python process holds (model, optimiser state, batches, "
+                    "activations), MB")
+MEMORY_CUDA_TITLE = ("Memory, MB: CUDA allocated (held by tensors now), reserved (held by PyTorch's caching "
+                     "allocator), peak (most allocated since the epoch began)")
 _PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 
 
@@ -203,6 +208,36 @@ def _line(name: str, x, y, color: str | None = None, dash: str | None = None, mo
 # ---- cells, panel by panel
 
 
+def _recorder_reads(t: Snapshot, n_epoch: int | None, n_iter) -> tuple[list, list] | None:
+    """The smoothed training loss as `SyncFreeRecorder` read it (source `"recorder"`, stream `"read"`), at
+    fractional epochs; None when this fit has no such reads.
+
+    A read covers the `n` steps up to step `iter` and the last read of an epoch comes at its end, so an
+    epoch's reads span it: a read sits at `epoch + (steps of the epoch read so far) / (steps of the epoch)`,
+    the epoch's length taken from its reads once it has ended, from `n_iter` (the first epoch's) before."""
+    if t.meta("fit").get("train_loss_from") != "recorder":  # FitRecorder says where this fit's loss is
+        return None
+    reads = _records(t, "recorder", "read", "epoch", "iter")
+    if not n_epoch:
+        return None
+    ended = {r["epoch"] for r in _records(t, "fit", "epoch", "epoch", strict=False)}
+    by_epoch: dict[int, list[dict]] = {}
+    for r in reads:
+        by_epoch.setdefault(r["epoch"], []).append(r)
+    last_epoch = reads[-1]["epoch"] if reads else None
+    xs, ys = [], []
+    for e, rs in by_epoch.items():
+        start = rs[0]["iter"] - rs[0]["n"] + 1
+        length = rs[-1]["iter"] - start + 1
+        if e == last_epoch and e not in ended and _num(n_iter) and n_iter > length:
+            length = n_iter  # the epoch is still running
+        for r in rs:
+            if _num(r.get("smooth_loss")):
+                xs.append(e + min(1.0, (r["iter"] - start + 1) / length))
+                ys.append(r["smooth_loss"])
+    return xs, ys
+
+
 def _training_cells(t: Snapshot) -> list[Cell]:
     meta = t.meta("fit")
     steps = _records(t, "fit", "step", "epoch", "iter")
@@ -212,9 +247,13 @@ def _training_cells(t: Snapshot) -> list[Cell]:
     n_epoch = _n_epoch(t)
     xaxis = {"title": "epoch"}
     loss = Cell("training", "loss", "Training: loss", xaxis=xaxis, yaxis={"title": "loss"})
-    s = [r for r in steps if _num(r.get("train_loss"))]
-    loss.traces.append(_line("loss: train (steps)", [_step_x(r, n_epoch) for r in s],
-                             [r["train_loss"] for r in s], color=_PALETTE[0], opacity=0.5))
+    reads = _recorder_reads(t, n_epoch, meta.get("n_iter"))
+    if reads is not None:  # a SyncFreeRecorder: its host reads, the only ones of the loss during training
+        x, y = reads
+    else:
+        s = [r for r in steps if _num(r.get("train_loss"))]
+        x, y = [_step_x(r, n_epoch) for r in s], [r["train_loss"] for r in s]
+    loss.traces.append(_line("loss: train (steps)", x, y, color=_PALETTE[0], opacity=0.5))
     for i, key in enumerate(("train_loss", "valid_loss")):
         e = [r for r in epochs if _num(r.get(key))]
         loss.traces.append(_line(f"loss: {key.split('_')[0]}", [epoch_number(r["epoch"]) for r in e],
@@ -368,7 +407,7 @@ def _memory_cells(t: Snapshot) -> list[Cell]:
     cuda = meta.get("has_gpu") or any("cuda_allocated_mb" in r for r in steps)
     out = []
     if cuda:
-        mem = Cell("memory", "memory", "Memory: CUDA (MB)", xaxis=xaxis, yaxis=dict(MEMORY_YAXIS))
+        mem = Cell("memory", "memory", MEMORY_CUDA_TITLE, xaxis=xaxis, yaxis=dict(MEMORY_YAXIS))
         series = (("cuda_allocated_mb", "cuda allocated"), ("cuda_reserved_mb", "cuda reserved"),
                   ("cuda_peak_mb", "cuda peak"))
         for i, (k, label) in enumerate(series):
@@ -379,7 +418,7 @@ def _memory_cells(t: Snapshot) -> list[Cell]:
             mem.title += f", {meta['gpu_name']}"
     else:
         note = meta.get("note") or "no GPU: showing process memory (RSS)"
-        mem = Cell("memory", "memory", f"Memory: {note}", xaxis=xaxis, yaxis=dict(MEMORY_YAXIS))
+        mem = Cell("memory", "memory", f"{MEMORY_RSS_TITLE} ({note})", xaxis=xaxis, yaxis=dict(MEMORY_YAXIS))
         s = [r for r in steps if _num(r.get("rss_mb"))]
         mem.traces.append(_line("memory: rss", [r["time_s"] for r in s], [r["rss_mb"] for r in s],
                                 color=_PALETTE[0]))
@@ -421,6 +460,26 @@ def _samples_series(t: Snapshot) -> tuple[list[int], list[float], list[float]]:
     return [], [], []
 
 
+def _system_cell(t: Snapshot, steps: list[dict]) -> Cell:
+    """Model FLOPs utilisation and the fraction of time waiting for data: two shares, on one axis."""
+    meta = t.meta("system")
+    title = "System: time waiting for data"
+    cell = Cell("throughput", "system", title, xaxis={"title": "seconds"},
+                yaxis={"title": "fraction", "range": [0, 1.05]})
+    s = [r for r in steps if _num(r.get("mfu"))]
+    if s:
+        source = meta.get("peak_source")
+        cell.title = (f"System: model FLOPs utilisation (of the peak: {source})" if source else
+                      "System: model FLOPs utilisation") + " and time waiting for data"
+        # The latest values are in the traces: a title that changed with every point would relayout the
+        # live figure at every draw.
+        cell.traces.append(_line("system: mfu", [r["time_s"] for r in s], [r["mfu"] for r in s], color=_PALETTE[4]))
+    s = [r for r in steps if _num(r.get("data_wait_frac"))]
+    cell.traces.append(_line("system: data wait", [r["time_s"] for r in s], [r["data_wait_frac"] for r in s],
+                             color=_PALETTE[1]))
+    return cell
+
+
 def _throughput_cells(t: Snapshot) -> list[Cell]:
     steps = _records(t, "system", "step", "time_s")
     out = []
@@ -431,12 +490,7 @@ def _throughput_cells(t: Snapshot) -> list[Cell]:
         s = [r for r in steps if _num(r.get("samples_per_s"))]
         speed.traces.append(_line("speed: samples/s", [r["time_s"] for r in s],
                                   [r["samples_per_s"] for r in s], color=_PALETTE[0]))
-        wait = Cell("throughput", "wait", "Throughput: fraction of time waiting for data", xaxis=xaxis,
-                    yaxis={"title": "fraction", "range": [0, 1.05]})
-        s = [r for r in steps if _num(r.get("data_wait_frac"))]
-        wait.traces.append(_line("wait: data wait", [r["time_s"] for r in s],
-                                 [r["data_wait_frac"] for r in s], color=_PALETTE[1]))
-        out += [speed, wait]
+        out += [speed, _system_cell(t, steps)]
     epochs, fwd, full = _samples_series(t)
     if epochs or t.meta("system") or data_sources(t):
         title = "Samples forwarded (cumulative)"
@@ -579,7 +633,9 @@ def summary_text(t: Telemetry | Snapshot) -> str:
     sys_steps = _records(t, "system", "step", "time_s")
     if st["median_samples_per_s"] is not None:
         wait = [r["data_wait_frac"] for r in sys_steps if _num(r.get("data_wait_frac"))]
+        mfu = [r["mfu"] for r in sys_steps if _num(r.get("mfu"))]
         line = f"Throughput: {st['median_samples_per_s']:,.0f} samples/s (median)"
+        line += f", model FLOPs utilisation {median(mfu):.1%}" if mfu else ""
         lines.append(line + (f", waiting for data {median(wait):.1%} of the time" if wait else ""))
     meta = t.meta("system")
     if meta or sys_steps:
@@ -752,6 +808,36 @@ def _plain(d: dict) -> dict:
 
 def _plain_axis(d: dict) -> dict:
     return {k: ({"text": v} if k == "title" and isinstance(v, str) else v) for k, v in d.items()}
+
+
+def figure_delta(t: Telemetry | Snapshot, cs: list[Cell], sent: dict) -> tuple[list, dict]:
+    """What changed since the last call with the same `sent` dict, for a figure built by `build_figure`
+    with the same `layout_key`: `(groups, layout)`, where each group is `(trace_indexes, style)` in
+    `Plotly.update`'s terms (`style[field][j]` is trace `trace_indexes[j]`'s new array; traces are grouped
+    by the fields that changed, as a restyle cannot leave one trace's field alone while setting another's)
+    and `layout` maps layout paths (`"annotations[2].text"`, `"title.text"`) to their new values. Only the
+    traces whose data changed are in it; `sent` is updated as if it had been sent."""
+    t = snapshot(t)
+    groups: dict[tuple, tuple[list, dict]] = {}
+    i = 0
+    for c in cs:
+        for tr in c.traces:
+            changed = [k for k in _DATA_FIELDS if k in tr and sent.get((i, k)) != tr[k]]
+            if changed:
+                idx, style = groups.setdefault(tuple(changed), ([], {k: [] for k in changed}))
+                idx.append(i)
+                for k in changed:
+                    style[k].append(tr[k])
+                    sent[(i, k)] = tr[k]
+            i += 1
+    layout = {}
+    for k, c in enumerate(cs):
+        if sent.get(("annotation", k)) != c.title:
+            layout[f"annotations[{k}].text"] = sent[("annotation", k)] = c.title
+    title = _title(t, live=True)
+    if sent.get("title") != title:
+        layout["title.text"] = sent["title"] = title
+    return list(groups.values()), layout
 
 
 def update_figure(fig: go.Figure, t: Telemetry | Snapshot, cs: list[Cell] | None = None,

@@ -123,3 +123,21 @@ def test_samples_the_scoring_epoch_left_out_are_scored_too():
     unscored = set(range(500)) - set(seen.epochs[0])
     assert len(unscored) == 20 and len(sp.subset) == 250
     assert (sp.table.scores > 0).all()
+
+
+def test_the_scoring_pass_is_reported_as_forward_only_work():
+    """The scoring pass forwards every training sample once more, without backward: telemetry says so, once,
+    so that the bench's work column counts it (a third of a forward+backward per sample)."""
+    from effilab.bench.fit import FORWARD_SHARE, work_of
+
+    sp = StaticPrune(fraction=0.25, score="el2n", score_epoch=2, seed=0)
+    learn = make_learner([sp], n=512)
+    learn.fit(3, 1e-2)
+    tel = telemetry_of(learn)
+    (scoring,) = tel.records("static_prune", "scoring")
+    assert scoring["epoch"] == 1 and scoring["forward_only_samples"] == 512
+    trained = tel.records("static_prune", "samples")[-1]["forwarded_total"]
+    assert trained == 512 * 2 + 384
+    assert work_of(trained, tel.to_dict()) == pytest.approx(trained + FORWARD_SHARE * 512)
+    learn.fit(1, 1e-2)  # the subset is kept: no second scoring pass
+    assert len(tel.records("static_prune", "scoring")) == 1

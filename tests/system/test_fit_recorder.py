@@ -43,7 +43,7 @@ def test_fit_one_cycle_follows_the_contract_and_matches_fastai():
     learn.fit_one_cycle(2, 1e-2)
     tel, rec = telemetry_of(learn), learn.recorder
     assert tel.meta("fit") == {"n_epoch": 2, "n_iter": N_STEPS, "bs": 32, "n_train": 512, "fit_index": 0,
-                               "metric_names": ["accuracy"]}
+                               "metric_names": ["accuracy"], "train_loss_from": "fit"}
 
     steps = tel.records("fit", "step")
     for r in steps:
@@ -195,6 +195,32 @@ def test_host_reads_happen_only_at_record_points(monkeypatch):
     learn.fit(1, 1e-2)
     recorded = telemetry_of(learn).series("fit", "step", "iter")
     assert [i for i, reads in enumerate(spy.per_batch) if reads] == recorded == [3, 7, 11, 15]
+
+
+def test_with_a_sync_free_recorder_it_reads_no_loss(monkeypatch):
+    """The SyncFreeRecorder's reads are the training curve: FitRecorder copies no loss itself, and the
+    dashboard's loss curve is made of those reads."""
+    from effilab.core.probe import HostCopy
+    from effilab.system.recorder import SyncFreeRecorder
+    from effilab.viz import figures as F
+
+    puts = []
+    monkeypatch.setattr(HostCopy, "put", lambda self, x: puts.append(x))
+    learn = make_learner([SyncFreeRecorder(every=4), FitRecorder(every=1, max_per_s=float("inf"))])
+    learn.fit(2, 1e-2)
+    tel = telemetry_of(learn)
+    assert not puts and tel.meta("fit")["train_loss_from"] == "recorder"
+    steps = tel.records("fit", "step")
+    assert len(steps) == 2 * N_STEPS and not any("train_loss" in r for r in steps)
+    reads = tel.records("recorder", "read")
+    assert [r["iter"] for r in reads] == list(range(3, 2 * N_STEPS, 4))
+    loss = next(c for c in F.cells(tel) if c.key == "loss").traces[0]
+    assert loss["y"] == pytest.approx([r["smooth_loss"] for r in reads], rel=1e-4)
+    assert loss["x"] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0])
+    # Without the recorder, the next fit's curve is FitRecorder's own again.
+    learn.remove_cb(SyncFreeRecorder)
+    learn.fit(1, 1e-2)
+    assert tel.meta("fit")["train_loss_from"] == "fit" and len(puts) == N_STEPS
 
 
 def test_pickles_with_the_learner_and_mid_fit():

@@ -209,6 +209,33 @@ def test_monitor_follows_the_contract_on_cpu():
     assert epochs[0]["time_s"] < epochs[1]["time_s"] and epochs[1]["peak_rss_mb"] > 10
 
 
+def test_monitor_handles_its_per_batch_events_without_fastais_dispatch(monkeypatch):
+    """fastai's per-event dispatch (a `learn.training` read through two delegations) is not paid per batch:
+    the monitor's per-batch handlers are called directly, and still only for training batches."""
+    from fastai.callback.core import Callback
+
+    dispatched = []
+    original = Callback.__call__
+
+    def counting(self, event_name):
+        if isinstance(self, SystemMonitor):
+            dispatched.append(event_name)
+        return original(self, event_name)
+
+    monkeypatch.setattr(Callback, "__call__", counting)
+    learn = make_learner([SystemMonitor(every_s=0.0)])
+    learn.fit(2, 1e-2)
+    assert dispatched and not {"before_batch", "after_backward", "after_batch"} & set(dispatched)
+    steps = telemetry_of(learn).records("system", "step")
+    assert [r["iter"] for r in steps] == list(range(32))  # training batches only, each timed
+    assert [r["samples"] for r in telemetry_of(learn).records("system", "epoch")] == [512, 512]
+    assert all(_is_number(r["mfu"]) for r in steps), "the FLOPs were counted at the epoch's first step"
+
+
+def _is_number(v):
+    return isinstance(v, float) and v > 0
+
+
 def test_monitor_step_records_are_throttled_in_time():
     learn = make_learner([SystemMonitor(every_s=0.05)], n=1024, bs=16)
     learn.fit(1, 1e-2)
@@ -460,9 +487,10 @@ def test_out_of_memory_report_on_fake_cuda(fake_cuda_monitor, monkeypatch):
     assert "400.0 MB torch.float32 [1024, 102400]" in text and "expandable_segments" in text
     oom = telemetry_of(learn).records("system", "oom")
     assert len(oom) == 1 and oom[0]["text"] == report["text"]
-    # The exception ended the fit with no event: the next fit closes what it left, then watches again.
+    # The exception ended the fit through `after_cancel_fit` (effilab fires it on any exception): the
+    # monitor stopped watching then; the next fit watches again and ends cleanly.
     from effilab.system.monitor import _ACTIVE
-    assert id(monitor) in _ACTIVE
+    assert id(monitor) not in _ACTIVE and monitor._run is None
     learn.fit(1, 1e-2)
     assert id(monitor) not in _ACTIVE and len(telemetry_of(learn).records("system", "epoch")) == 1
 

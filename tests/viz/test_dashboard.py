@@ -175,10 +175,58 @@ def test_a_drawing_failure_warns_once_and_training_completes(monkeypatch):
     assert dash.final_figure is not None and dash.n_pushes > 0
 
 
+def test_live_draws_send_only_changed_traces_as_arrays(monkeypatch):
+    """A draw sends the traces whose data changed (the planned schedules never again after the widget
+    opened), as float arrays (binary buffers on the wire), and the widget's own figure stays equal to the
+    one built from the same telemetry."""
+    pytest.importorskip("anywidget")
+    import numpy as np
+    import plotly.graph_objects as go
+
+    sent = []
+    original = go.FigureWidget._send_update_msg
+
+    def spy(self, style, layout, traces, *a, **k):
+        sent.append((style, layout, list(traces), [self.data[i].name for i in traces]))
+        return original(self, style, layout, traces, *a, **k)
+
+    monkeypatch.setattr(go.FigureWidget, "_send_update_msg", spy)
+    learn = make_learner([InfoBatch(0.5, seed=0), FitRecorder(every=1, max_per_s=1e9), SystemMonitor(every_s=0.0)],
+                         n=N, bs=BS)
+    dash = Dashboard(mode="live", max_per_s=0.0, budget=0)
+    learn.add_cb(dash)
+    compared = []
+
+    class Compare(Callback):
+        order = 94  # before the dashboard replaces its widget
+
+        def after_fit(self):
+            t = telemetry_of(self.learn)
+            dash._redraw(t, True)
+            built = F.build_figure(F.snapshot(t), scrub=False, live=True)
+            fw = dash._fw
+            assert [tr.name for tr in fw.data] == [tr.name for tr in built.data]
+            for mine, ref in zip(fw.data, built.data):
+                for k in ("x", "y"):
+                    assert np.allclose(np.asarray(mine[k], dtype=float), np.asarray(ref[k], dtype=float)), \
+                        (mine.name, k)
+            compared.append(len(fw.data))
+
+    learn.fit_one_cycle(2, 1e-2, cbs=Compare())
+    assert compared and compared[0] > 10
+    assert sent and dash.n_pushes > dash.n_rebuilds
+    names = [n for *_, ns in sent for n in ns]
+    assert "loss: train (steps)" in names and "schedule/lr: actual" in names
+    assert not [n for n in names if n.endswith("planned")], "a planned schedule does not change"
+    assert all(len(ns) < compared[0] for *_, ns in sent), "only the traces that changed"
+    for style, *_ in sent:
+        assert all(isinstance(v, np.ndarray) and v.dtype == np.float32 for vs in style.values() for v in vs)
+
+
 def test_live_updates_failing_midway_warn_once(monkeypatch):
     pytest.importorskip("anywidget")
 
-    # Every step recorded: the layout settles in the first steps, and later updates go through update_figure.
+    # Every step recorded: the layout settles in the first steps, and later updates go through figure_delta.
     learn = make_learner([FitRecorder(every=1, max_per_s=1e9), SystemMonitor(every_s=0.0)], n=N, bs=BS)
     dash = Dashboard(mode="live", max_per_s=0.0, budget=0)
     learn.add_cb(dash)
@@ -188,13 +236,13 @@ def test_live_updates_failing_midway_warn_once(monkeypatch):
         calls.append(1)
         raise ValueError("bad trace")
 
-    monkeypatch.setattr(F, "update_figure", broken)
+    monkeypatch.setattr(F, "figure_delta", broken)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         learn.fit(2, 1e-2)
     assert len([w for w in caught if "Dashboard" in str(w.message)]) == 1
     assert len(calls) > 1 and dash.n_failures == len(calls)
-    assert dash.final_figure is not None  # the final figure does not go through update_figure
+    assert dash.final_figure is not None  # the final figure does not go through figure_delta
 
 
 def test_live_without_anywidget_falls_back_to_static(monkeypatch, capsys):
@@ -319,9 +367,29 @@ def test_live_drawing_stays_within_its_budget(monkeypatch):
 
 
 def test_wrong_settings_are_errors():
-    for kwargs in ({"budget": -0.1}, {"budget": True}, {"max_per_s": "2"}, {"budget": float("nan")}):
+    from effilab.callback import ArgumentTypeError
+
+    for kwargs in ({"budget": -0.1}, {"max_per_s": float("inf")}):
         with pytest.raises(ValueError, match="must be a finite number"):
             Dashboard(**kwargs)
+    for kwargs in ({"budget": True}, {"max_per_s": "2"}, {"budget": float("nan")}, {"mode": 1}):
+        with pytest.raises(ArgumentTypeError, match=next(iter(kwargs))):
+            Dashboard(**kwargs)
+
+
+def test_writers_added_for_one_fit_leave_with_it():
+    """A Dashboard passed to `fit(cbs=...)` adds the writers it draws from for that fit only; one created with
+    the Learner keeps them."""
+    learn = make_learner([], n=N, bs=BS)
+    learn.fit(1, 1e-2, cbs=Dashboard(mode="static"))
+    assert not any(isinstance(cb, (FitRecorder, SystemMonitor, Dashboard)) for cb in learn.cbs)
+    assert len(telemetry_of(learn).records("fit", "epoch")) == 1  # they wrote while the fit ran
+    learn.fit(1, 1e-2, cbs=Dashboard(mode="static"))
+    assert [r["epoch"] for r in telemetry_of(learn).records("fit", "epoch")] == [0, 0]
+    assert telemetry_of(learn).meta("fit")["fit_index"] == 1
+    kept = make_learner([Dashboard(mode="static")], n=N, bs=BS)
+    kept.fit(1, 1e-2)
+    assert sum(isinstance(cb, (FitRecorder, SystemMonitor)) for cb in kept.cbs) == 2
 
 
 def _fake_colab(monkeypatch) -> list:

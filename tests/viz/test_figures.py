@@ -32,7 +32,7 @@ def test_every_panel_with_full_telemetry():
         "scores/infobatch: kept", "scores/infobatch: rescaled", "scores/infobatch: pruned",
         "scores/infobatch: threshold", "kept: infobatch",
         "schedule/lr: planned", "schedule/lr: actual", "schedule/mom: planned", "schedule/mom: actual",
-        "memory: rss", "speed: samples/s", "wait: data wait", "samples: forwarded", "samples: full data"]
+        "memory: rss", "speed: samples/s", "system: data wait", "samples: forwarded", "samples: full data"]
     # one subplot title per cell, in the same order as the cells
     assert len(_titles(fig)) == len(F.cells(t))
     assert fig.layout.height > 1000
@@ -293,6 +293,47 @@ def test_static_figure_opens_on_an_epoch_that_pruned():
     assert F.informative_epoch(recs[:1]) == 0  # nothing pruned yet: the latest
 
 
+def test_memory_panel_says_what_it_plots():
+    cpu = next(c for c in F.cells(synthetic_telemetry(gpu=False)) if c.key == "memory")
+    assert cpu.title.startswith(F.MEMORY_RSS_TITLE) and "RSS" in cpu.title and "RAM" in cpu.title
+    gpu = next(c for c in F.cells(synthetic_telemetry(gpu=True)) if c.key == "memory")
+    assert gpu.title.startswith(F.MEMORY_CUDA_TITLE)
+    assert all(w in gpu.title for w in ("allocated", "reserved", "peak", "held by tensors", "caching allocator"))
+    assert "RSS" not in gpu.title
+
+
+def test_system_cell_shows_mfu_and_data_wait():
+    t = synthetic_telemetry()
+    plain = next(c for c in F.cells(t) if c.key == "system")
+    assert plain.trace_names == ("system: data wait",) and "MFU" not in plain.title  # no FLOPs measured
+    t.set_meta("system", peak_flops=1e11, peak_source="measured: fp32 512x512 matmul, 1 thread")
+    for i, mfu in enumerate((0.10, 0.20, 0.25)):
+        t.record("system", "step", time_s=100.0 + i, iter=1000 + i, samples_per_s=2000.0, data_wait_frac=0.3,
+                 rss_mb=500.0, flops_per_s=mfu * 1e11, mfu=mfu)
+    cell = next(c for c in F.cells(t) if c.key == "system")
+    assert cell.panel == "throughput" and cell.yaxis["range"] == [0, 1.05]
+    traces = {tr["name"]: tr for tr in cell.traces}
+    assert list(traces["system: mfu"]["y"]) == [0.1, 0.2, 0.25]
+    assert list(traces["system: data wait"]["y"])[-3:] == [0.3, 0.3, 0.3]
+    assert "measured: fp32 512x512 matmul" in cell.title and "model FLOPs utilisation" in cell.title
+    assert "model FLOPs utilisation 20.0%" in F.summary_text(t)  # the median over the steps with an MFU
+
+
+def test_loss_curve_reads_the_sync_free_recorder_points():
+    t = synthetic_telemetry(n_epoch=2, steps_per_epoch=50)
+    from_fit = next(c for c in F.cells(t) if c.key == "loss").traces[0]
+    t.set_meta("fit", train_loss_from="recorder")
+    # Reads every 20 steps and at each epoch's end; the second epoch is still running (30 of 50 steps read).
+    for it, epoch, n, loss in ((19, 0, 20, 2.0), (39, 0, 20, 1.5), (49, 0, 10, 1.2), (69, 1, 20, 1.0),
+                               (79, 1, 10, 0.9)):
+        t.record("recorder", "read", iter=it, epoch=epoch, smooth_loss=loss, n=n)
+    t.record("fit", "epoch", epoch=0, train_loss=1.2, valid_loss=1.3, time_s=1.0)
+    trace = next(c for c in F.cells(t) if c.key == "loss").traces[0]
+    assert trace["name"] == "loss: train (steps)" and trace["y"] != from_fit["y"]
+    assert trace["y"] == [2.0, 1.5, 1.2, 1.0, 0.9]
+    assert trace["x"] == [0.4, 0.8, 1.0, 1.4, 1.6]  # epoch 1 of 2 ends at x = 1
+
+
 def test_memory_axis_starts_at_zero():
     t = synthetic_telemetry()  # RSS 500 -> 504 MB
     for gpu in (False, True):
@@ -313,7 +354,7 @@ def test_cells_without_a_point_are_hidden():
     t.record("fit", "step", iter=0, epoch=0, pct=0.03, train_loss=2.0)
     assert [c.key for c in F.cells(t)] == ["loss"]  # no metrics, no memory, no GPU, no speed yet
     t.record("system", "step", time_s=0.5, iter=3, samples_per_s=100.0, data_wait_frac=0.1, rss_mb=500.0)
-    assert [c.key for c in F.cells(t)] == ["loss", "memory", "speed", "wait"]  # still no GPU utilisation
+    assert [c.key for c in F.cells(t)] == ["loss", "memory", "speed", "system"]  # still no GPU utilisation
 
 
 def test_live_title_leaves_the_status_to_the_header():
