@@ -5,6 +5,8 @@
     effilab bench --task fashion-mnist --n-samples 20000 --epochs 8 --target-acc 0.85
     effilab bench --recipes-file campaign.toml      # recipes and settings from a TOML file
     effilab bench --resume runs/bench-20260101-120000   # continue an interrupted campaign
+    effilab bench --budget samples                  # every recipe on the baseline's samples (equal spend)
+    effilab bench --recipe baseline --recipe infobatch+reinvest   # skipped samples buy more epochs
     effilab bench --list                            # recipes, components and their arguments, tasks
     effilab bench --quick                           # a few seconds: checks that everything runs
 
@@ -37,7 +39,7 @@ RECIPE_SYNTAX = ("A recipe is components joined by '+', each NAME or NAME(key=va
 
 TOML_EXAMPLE = """\
   task = "mnist1d"            # optional campaign keys: task, n_samples, epochs, seeds, bs, lr, model,
-  epochs = 8                  #   width, target_acc, fraction, device, threads (options given win)
+  epochs = 8                  #   width, target_acc, fraction, device, threads, budget (options given win)
   seeds = [0, 1]
   [[recipe]]
   name = "ib30"               # optional; default: the components joined by '+'
@@ -76,6 +78,13 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--epochs", type=int, default=None,
                    help=f"epochs per run, or at most with --target-acc (default: per task, {mn['epochs']} "
                         "for mnist1d)")
+    b.add_argument("--budget", default=None, metavar="UNIT",
+                   help="compare at equal spend: every recipe trains on the baseline's spend at --epochs in UNIT "
+                        "(samples, steps, flops or time), one-cycle over that budget (default: equal epochs). "
+                        "Either way each technique that saves something is compared with baseline@TECHNIQUE, "
+                        "the baseline given exactly the technique's measured spend")
+    b.add_argument("--no-matched", dest="matched", action="store_false",
+                   help="leave out the budget-matched baselines (baseline@TECHNIQUE): fewer runs")
     b.add_argument("--target-acc", type=float, default=None, metavar="ACC",
                    help="time-to-accuracy: stop each run after the epoch whose validation accuracy reaches "
                         "ACC (a fraction, e.g. 0.85) and report the time and samples it took")
@@ -146,7 +155,7 @@ def _list() -> int:
 
 # Options that are campaign keys too (the recipes file's keys, same names).
 _OPTIONS = ("task", "n_samples", "epochs", "seeds", "bs", "lr", "model", "width", "target_acc", "fraction",
-            "device", "threads")
+            "device", "threads", "budget")
 
 
 def _from_stored(config: dict) -> dict:
@@ -154,7 +163,7 @@ def _from_stored(config: dict) -> dict:
     kw = config.get("task_kwargs") or {}
     keys = {"task": config.get("task"), "n_samples": kw.get("n_samples", kw.get("subset"))}
     keys.update({k: config.get(k) for k in ("epochs", "seeds", "bs", "lr", "model", "width", "target_acc",
-                                            "fraction", "device")})
+                                            "fraction", "device", "budget")})
     return keys
 
 
@@ -163,6 +172,8 @@ def bench(parser: argparse.ArgumentParser, args) -> int:
     from .bench.recipes import (
         DEFAULT_RECIPES,
         RecipeError,
+        add_matched_baselines,
+        check_budget_unit,
         check_campaign_value,
         get_recipe,
         load_recipes_file,
@@ -237,6 +248,11 @@ def bench(parser: argparse.ArgumentParser, args) -> int:
         parser.error(f"--target-acc is a validation accuracy in (0, 1], e.g. 0.85; got {target}")
     if fraction is not None and not 0.0 <= fraction < 1.0:
         parser.error(f"--fraction must be in [0, 1), got {fraction}")
+    budget = settings.get("budget")
+    try:
+        check_budget_unit(budget)
+    except RecipeError as e:
+        parser.error(str(e))
 
     nproc = args.nproc if args.nproc is not None else (stored or {}).get("config", {}).get("nproc", 1)
     from .bench.distributed import check_nproc
@@ -250,11 +266,13 @@ def bench(parser: argparse.ArgumentParser, args) -> int:
     try:
         recipes = list(file_recipes) + [get_recipe(text) for text in args.recipe or []]
         if not recipes and stored is not None:
+            # the budget-matched baselines are not recipes of their own: the campaign adds them again
             recipes = [get_recipe({"name": r["name"], "components": r["components"]})
-                       for r in stored["config"].get("recipes", []) if r.get("components")]
+                       for r in stored["config"].get("recipes", []) if r.get("components") and not r.get("matches")]
         if not recipes:
             recipes = [get_recipe(name) for name in DEFAULT_RECIPES]
-        resolve_campaign(recipes)
+        matched = args.matched if stored is None else args.matched and stored["config"].get("matched", False)
+        resolve_campaign(add_matched_baselines(recipes, budget, matched))
     except RecipeError as e:
         parser.error(str(e))
 
@@ -273,7 +291,7 @@ def bench(parser: argparse.ArgumentParser, args) -> int:
         campaign = run(task_spec, recipes, seeds, epochs, bs, lr, task_kwargs=kwargs, model=model,
                        width=width, target_acc=target, device=settings.get("device"), options=options,
                        threads=threads, progress="auto", out=out, resume=stored is not None,
-                       overwrite=args.overwrite, nproc=nproc)
+                       overwrite=args.overwrite, budget=budget, matched=matched, nproc=nproc)
         interrupted = False
     except (TaskError, RecipeError) as e:
         parser.error(str(e))
@@ -292,12 +310,15 @@ def bench(parser: argparse.ArgumentParser, args) -> int:
         print(f"(the summary table could not be drawn: {type(e).__name__}: {e})")
     n_plan = len(campaign.config["seeds"]) * len(campaign.config["recipes"])
     cpu = sum(r.cpu_s for r in campaign)
-    print(f"\n{len(campaign)} of {n_plan} runs finished in {campaign.total_s:.0f} s "
+    skipped = f" ({len(campaign.skipped)} not needed)" if campaign.skipped else ""
+    print(f"\n{len(campaign)} of {n_plan} runs finished{skipped} in {campaign.total_s:.0f} s "
           f"(training: {sum(r.wall_s for r in campaign):.0f} s wall-clock, {cpu:.0f} s CPU)")
     if campaign.failures:
         print(f"\n{len(campaign.failures)} run(s) FAILED (tracebacks in results.json, \"failures\"):")
         for f in campaign.failures:
             print(f"  {f.recipe} seed={f.seed}: {f.message}")
+    for s in campaign.skipped:
+        print(f"not run: {s['recipe']} seed={s['seed']}: {s['reason']}")
     print(f"results: {campaign.results_path}")
     print(f"report:  {campaign.report_path}")
     if campaign.write_errors:

@@ -15,10 +15,17 @@ What does a technique save on my task, and what does it cost in accuracy?
 A recipe is components joined by `+`, each `name` or `name(key=value, ...)` (Python literals):
 `baseline`, `infobatch(ratio=0.3)+dashboard`, `random-prune(fraction=0.2)`; components are the
 built-ins and every technique of `effilab.registry` (see `components()`).
+
+Is a technique better than training the plain recipe for less? `run(..., matched=True)` (the command
+line's default) follows each technique with `baseline@<technique>`: the baseline given exactly what the
+technique spent, its one-cycle schedule decayed to the end, and the table says, with a paired test over
+seeds, whether the technique beat it. `run(..., budget="samples")` (or steps, flops, time) compares every
+recipe at the baseline's spend; `infobatch+reinvest` spends what InfoBatch saved on more epochs.
 """
 
 from .._lazy import lazy_attributes
 from .recipes import (
+    BUDGET_UNITS,
     COMPONENTS,
     DEFAULT_FRACTION,
     DEFAULT_RECIPES,
@@ -38,7 +45,7 @@ from .recipes import (
     register_component,
 )
 from .store import ConfigMismatch, OutputExists, OutputUnwritable, RunFailure, RunResult
-from .table import format_table, html_table, summarize
+from .table import format_table, html_table, paired_test, summarize
 from .tasks import TaskError
 
 # The run stage imports torch and fastai (seconds), the report plotly: loaded on first use, so the command
@@ -48,6 +55,7 @@ _LAZY.update({name: "effilab.bench.fit" for name in ("Fit", "SampleCounter", "Sp
 _LAZY.update({name: "effilab.bench.report" for name in ("figures", "report_html", "write_report")})
 
 __all__ = [
+    "BUDGET_UNITS",
     "COMPONENTS",
     "DEFAULT_FRACTION",
     "DEFAULT_RECIPES",
@@ -76,6 +84,7 @@ __all__ = [
     "html_table",
     "load_recipes_file",
     "parse_components",
+    "paired_test",
     "parse_recipe",
     "random_prune_fraction",
     "register",

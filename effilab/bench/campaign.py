@@ -26,7 +26,20 @@ from typing import Any
 from . import store as S
 from .distributed import check_nproc, fit_distributed
 from .fit import check_device, fit_one, num_threads
-from .recipes import DEFAULT_RECIPES, Recipe, RunContext, check_fits_task, get_recipe, resolve_campaign, run_order
+from .recipes import (
+    DEFAULT_RECIPES,
+    NothingToMatch,
+    Recipe,
+    RunContext,
+    add_matched_baselines,
+    budget_plan,
+    check_budget_unit,
+    check_budgets,
+    check_fits_task,
+    get_recipe,
+    resolve_campaign,
+    run_order,
+)
 from .store import RunFailure, RunResult
 from .table import format_table, html_table, summarize
 from .tasks import MODELS, TaskError, load_task
@@ -72,9 +85,11 @@ class Campaign(Sequence):
     what could not be written (a full disk, a folder that became read-only): the runs are still here."""
 
     def __init__(self, config: dict, results: Iterable[RunResult] = (), failures: Iterable[RunFailure] = (),
-                 out=None, env: dict | None = None, status: str = "running", total_s: float = 0.0):
+                 out=None, env: dict | None = None, status: str = "running", total_s: float = 0.0,
+                 skipped: Iterable[Mapping] = ()):
         self.config, self.env = config, env or {}
         self.results, self.failures = list(results), list(failures)
+        self.skipped = [dict(s) for s in skipped]  # budget-matched baselines not run: {recipe, seed, reason}
         self.out = None if out is None else Path(out)
         self.status, self.total_s = status, total_s
         self.write_errors: list[str] = []
@@ -113,7 +128,7 @@ class Campaign(Sequence):
         data = {"format": S.FORMAT, "effilab_version": __version__, "status": self.status,
                 "config": self.config, "env": self.env, "total_s": self.total_s,
                 "runs": [r.to_dict() for r in self.results], "failures": [f.to_dict() for f in self.failures],
-                "summary": [], "table": ""}
+                "skipped": self.skipped, "summary": [], "table": ""}
         try:  # a view of the runs: an error here must not keep the runs from being written
             data["summary"] = self.summary
             data["table"] = format_table(data["summary"])
@@ -126,7 +141,7 @@ class Campaign(Sequence):
         runs = [RunResult.from_dict(r) for r in data.get("runs", []) if r.get("status", "ok") == "ok"]
         failures = [RunFailure.from_dict(f) for f in data.get("failures", [])]
         return cls(dict(data["config"]), runs, failures, out, dict(data.get("env", {})),
-                   data.get("status", ""), data.get("total_s", 0.0))
+                   data.get("status", ""), data.get("total_s", 0.0), data.get("skipped", []))
 
     @classmethod
     def load(cls, out) -> Campaign:
@@ -176,6 +191,10 @@ class Campaign(Sequence):
 def _run_line(i: int, n: int, r: RunResult) -> str:
     line = (f"[{i}/{n}] {r.recipe} seed={r.seed}: acc {r.accuracy:.3f} (best {r.best_accuracy:.3f}), "
             f"{r.samples_frac:.0%} samples, {r.steps} steps, {r.wall_s:.1f} s ({r.cpu_s:.1f} s CPU)")
+    budget = (r.params or {}).get("budget")
+    if budget:
+        of = f" of {budget['matched_to']}" if budget.get("matched_to") else ""
+        line += f", on a budget of {budget['amount']:,.4g} {budget['unit']} ({budget['kind']}{of})"
     if r.target_acc is not None:
         if r.time_to_target_s is None:
             line += f", {r.target_acc:.0%} not reached"
@@ -183,6 +202,10 @@ def _run_line(i: int, n: int, r: RunResult) -> str:
             line += (f", {r.target_acc:.0%} reached at epoch {r.epoch_to_target + 1} in "
                      f"{r.time_to_target_s:.1f} s")
     return line
+
+
+def _skipped_line(i: int, n: int, s: Mapping) -> str:
+    return f"[{i}/{n}] {s['recipe']} seed={s['seed']}: not run: {s['reason']}"
 
 
 def _failure_line(i: int, n: int, f: RunFailure) -> str:
@@ -338,7 +361,8 @@ def run(task="mnist1d", recipes: Iterable[str | Recipe | Mapping] = DEFAULT_RECI
         task_kwargs: Mapping[str, Any] | None = None, model: str = "small", width: int | None = None,
         target_acc: float | None = None, device=None, options: Mapping[str, Any] | None = None,
         threads: int | None = None, progress: Any = "auto", out=None, resume: bool = False,
-        overwrite: bool = False, report: bool = True, nproc: int = 1) -> Campaign:
+        overwrite: bool = False, report: bool = True, budget: str | None = None,
+        matched: bool = False, nproc: int = 1) -> Campaign:
     """Train `make_model(task, model, width)` with `fit_one_cycle(epochs, lr)` under each recipe and seed.
 
     `task`: a task name (`effilab.bench.tasks`: mnist1d, digits, fashion-mnist, mnist, cifar10,
@@ -348,9 +372,18 @@ def run(task="mnist1d", recipes: Iterable[str | Recipe | Mapping] = DEFAULT_RECI
     Each run is seeded with fastai's `set_seed(seed, reproducible=True)` (the caller's RNG states are
     restored afterwards): the same seed and recipe give the same sample counts and, on CPU, the same
     accuracy. `target_acc`: stop each fit after the epoch whose validation accuracy reaches it and
-    record the time and samples it took. `options` reach the recipes (`fraction`: random pruning's
-    when nothing is matched); `threads` sets torch's CPU threads for the duration. `nproc` > 1: each run
-    trains on that many processes under `torchrun` (DDP, see `effilab.bench.distributed`).
+    record the time and samples it took.
+
+    `budget` ("samples", "steps", "flops" or "time"; None: equal epochs) gives every recipe the baseline
+    recipe's full-epoch spend of the same seed as its budget (`effilab.budget.Budget` under one-cycle). In
+    both modes, with `matched=True` (the command line's default) and a recipe named "baseline", each other
+    recipe (but those with `reinvest`) is followed by its budget-matched baseline `baseline@<name>`: the
+    baseline given exactly what that recipe's run of the same seed spent, in the unit where it saved
+    (samples, FLOPs, steps); not run (listed in `Campaign.skipped`) when it saved nothing.
+
+    `options` reach the recipes (`fraction`: random pruning's when nothing is matched); `threads` sets
+    torch's CPU threads for the duration. `nproc` > 1: each run trains on
+    that many processes under `torchrun` (DDP, see `effilab.bench.distributed`).
 
     Every setting, the device, the task's size and each recipe's fit to the task are checked before any
     training (`ValueError`, `TaskError`, `RecipeError`). A run that raises is recorded as a `RunFailure`
@@ -368,10 +401,14 @@ def run(task="mnist1d", recipes: Iterable[str | Recipe | Mapping] = DEFAULT_RECI
 
     seeds = list(seeds)
     _check_settings(seeds, epochs, bs, lr, target_acc, model, threads, width)
-    recipe_objs = same_measuring(resolve_campaign(get_recipe(r) for r in recipes))
+    check_budget_unit(budget)
+    recipe_objs = same_measuring(resolve_campaign(add_matched_baselines([get_recipe(r) for r in recipes],
+                                                                        budget, matched)))
     if not recipe_objs:
         raise ValueError("need at least one recipe")
     options = dict(options or {})
+    if budget is not None:
+        options["budget"] = budget
     device = check_device(device)
     check_nproc(nproc)
     if isinstance(task, TaskData):
@@ -381,6 +418,10 @@ def run(task="mnist1d", recipes: Iterable[str | Recipe | Mapping] = DEFAULT_RECI
     config = {"task": task_spec, "task_kwargs": kwargs, "recipes": [r.to_config() for r in recipe_objs],
               "seeds": seeds, "epochs": epochs, "bs": bs, "lr": float(lr), "model": model, "width": width,
               "target_acc": target_acc, "fraction": options.get("fraction"), "device": device.type}
+    if budget is not None:  # absent without one: campaigns stored before budgets resume unchanged
+        config["budget"] = budget
+    if matched:  # absent without: campaigns stored before matched baselines resume unchanged
+        config["matched"] = True
     if nproc > 1:  # only then: campaigns stored before the option existed still resume
         config["nproc"] = nproc
 
@@ -398,6 +439,7 @@ def run(task="mnist1d", recipes: Iterable[str | Recipe | Mapping] = DEFAULT_RECI
         task = load_task(task_spec, **kwargs)  # before the folder is made: missing data leaves nothing behind
     _check_task(task, bs, model)
     check_fits_task(recipe_objs, task)
+    check_budgets(recipe_objs, budget, epochs, len(task.train), bs)
     if out is not None:
         S.prepare_out_dir(out)  # the last check: made and writable, or a clear error before any training
 
@@ -405,15 +447,16 @@ def run(task="mnist1d", recipes: Iterable[str | Recipe | Mapping] = DEFAULT_RECI
     if stored is not None:
         done = Campaign.from_dict(stored)
         campaign.results, campaign.failures = done.results, done.failures  # failures stay until retried
-        campaign.total_s = done.total_s
-    finished = {(r.recipe, r.seed) for r in campaign.results}
+        campaign.skipped, campaign.total_s = done.skipped, done.total_s
+    finished = {(r.recipe, r.seed) for r in campaign.results} | {(s["recipe"], s["seed"]) for s in campaign.skipped}
     plan = [(seed, recipe) for seed in seeds for recipe in run_order(recipe_objs)]
     todo = [(seed, recipe) for seed, recipe in plan if (recipe.name, seed) not in finished]
     bar = _Progress(progress, len(plan), len(plan) - len(todo), epochs)
     if bar.sink is not None:
         target = "" if target_acc is None else f", stop at {target_acc:.0%} accuracy"
+        spend = "" if budget is None else f" (their {budget}: every recipe's budget)"
         bar.sink(f"effilab bench: {task!r}; recipes {', '.join(r.name for r in recipe_objs)}; seeds "
-                 f"{' '.join(map(str, seeds))}; {epochs} epochs{target}, bs {bs}, lr {lr}, model {model}, "
+                 f"{' '.join(map(str, seeds))}; {epochs} epochs{spend}{target}, bs {bs}, lr {lr}, model {model}, "
                  f"{device.type}" + ("" if out is None else f"; results in {out}"))
         if stored is not None:
             bar.sink(f"resuming {out}: {len(plan) - len(todo)} of {len(plan)} runs done, {len(todo)} to go")
@@ -431,11 +474,20 @@ def run(task="mnist1d", recipes: Iterable[str | Recipe | Mapping] = DEFAULT_RECI
                 t0 = time.perf_counter()
                 try:
                     if nproc > 1:
+                        budget_plan(recipe, ctx)  # a matched baseline with nothing to match: skipped here
                         fit = fit_distributed(task, recipe, ctx, device, model, width, target_acc, nproc, threads)
                     else:
                         fit = fit_one(task, recipe, ctx, device, model, width, target_acc, bar.on_epoch)
                     record = RunResult.from_fit(fit, recipe, seed, task.name, epochs, bs, lr, target_acc,
                                                 device.type)
+                except NothingToMatch as e:
+                    campaign.skipped.append({"recipe": recipe.name, "seed": seed, "reason": str(e)})
+                    campaign.failures = [f for f in campaign.failures
+                                         if (f.recipe, f.seed) != (recipe.name, seed)]
+                    if out is not None:
+                        _write(campaign, S.RESULTS, campaign.save)
+                    bar.finish_run(_skipped_line(bar.done + 1, bar.total, campaign.skipped[-1]))
+                    continue
                 except Exception as e:  # the campaign goes on; KeyboardInterrupt ends it below
                     record = RunFailure(recipe.name, seed, task.name, type(e).__name__, str(e),
                                         traceback.format_exc(), time.perf_counter() - t0)

@@ -27,29 +27,39 @@ import torch
 from fastai.callback.core import Callback, CancelFitException
 
 from ..callback import EffilabCallback
-from .recipes import Recipe, RunContext
+from .recipes import Recipe, RunContext, budget_plan
 from .tasks import MODELS, TaskError
 
 __all__ = ["FORWARD_SHARE", "Fit", "SampleCounter", "Spend", "StopAtAccuracy", "check_device", "fit_one",
-           "make_model", "num_threads", "spend_of"]
+           "flops_of", "make_model", "num_threads", "spend_of"]
 
 class SampleCounter(EffilabCallback):
-    """Counts the training samples forwarded and the optimiser steps taken, whatever the recipe.
+    """Counts the training samples forwarded, the optimiser steps taken, the training FLOPs and the time
+    spent training, whatever the recipe.
 
-    Writes per-epoch counts to telemetry (source `"counter"`, stream `"epoch"`: forwarded, steps and
-    running totals). Host-side integers only: batch sizes are shapes, so counting never syncs.
+    FLOPs are forward+backward of the model on each training batch, counted by `FlopCounterMode` on the
+    meta device (`effilab.core.budget.step_flops`) once per batch shape and number of trainable tensors (so
+    re-measured when a technique changes the inputs' size or freezes layers); None when the model cannot
+    be counted there. Training time is the wall-clock of the training phases (validation excluded).
+    Writes per-epoch counts to telemetry (source `"counter"`, stream `"epoch"`: forwarded, steps, flops and
+    running totals). Host-side numbers only: batch sizes are shapes, so counting never syncs.
     """
 
     order = 100  # after the callbacks that may shorten or skip batches
     telemetry_name = "counter"
 
-    def __init__(self):
+    def __init__(self, count_flops: bool = True):
         self.forwarded = self.steps = 0
-        self._epoch_forwarded = self._epoch_steps = 0
+        self.flops: int | None = 0 if count_flops else None
+        self.train_s = 0.0
+        self._epoch_forwarded = self._epoch_steps = self._epoch_flops = 0
+        self._step_flops: dict = {}  # (input shapes, trainable tensors) -> FLOPs of one forward+backward
         self._cancelled = False
+        self._t0 = None
 
     def before_train(self):
-        self._epoch_forwarded = self._epoch_steps = 0
+        self._epoch_forwarded = self._epoch_steps = self._epoch_flops = 0
+        self._t0 = time.perf_counter()
 
     def before_batch(self):
         self._cancelled = False
@@ -59,6 +69,25 @@ class SampleCounter(EffilabCallback):
             from fastai.torch_core import find_bs
 
             self._epoch_forwarded += find_bs(self.learn.xb)
+            if self.flops is not None:
+                self._count_flops()
+
+    def _count_flops(self):
+        from fastai.torch_core import get_model
+
+        from ..core.budget import step_flops
+
+        model = get_model(self.learn.model)
+        xb = self.learn.xb
+        key = (tuple((tuple(x.shape), x.dtype) for x in xb if isinstance(x, torch.Tensor)),
+               sum(p.requires_grad for p in model.parameters()))
+        if key not in self._step_flops:
+            try:
+                self._step_flops[key] = step_flops(model, xb)
+            except RuntimeError:  # a model the meta device cannot run: FLOPs unknown for this run
+                self.flops = None
+                return
+        self._epoch_flops += self._step_flops[key]
 
     def after_cancel_step(self):
         self._cancelled = True  # e.g. gradient accumulation: fastai still fires after_step
@@ -70,17 +99,23 @@ class SampleCounter(EffilabCallback):
     def after_train(self):
         if not self.training or hasattr(self.learn, "lr_finder"):
             return
+        if self._t0 is not None:
+            self.train_s += time.perf_counter() - self._t0
         self.forwarded += self._epoch_forwarded
         self.steps += self._epoch_steps
+        if self.flops is not None:
+            self.flops += self._epoch_flops
         self.telemetry.record(self.telemetry_name, "epoch", epoch=self.learn.epoch,
                               forwarded=self._epoch_forwarded, steps=self._epoch_steps,
-                              forwarded_total=self.forwarded, steps_total=self.steps)
+                              flops=None if self.flops is None else self._epoch_flops,
+                              forwarded_total=self.forwarded, steps_total=self.steps, flops_total=self.flops)
 
     def state_dict(self) -> dict:
-        return {"forwarded": self.forwarded, "steps": self.steps}
+        return {"forwarded": self.forwarded, "steps": self.steps, "flops": self.flops, "train_s": self.train_s}
 
     def load_state_dict(self, state: dict) -> None:
         self.forwarded, self.steps = state["forwarded"], state["steps"]
+        self.flops, self.train_s = state.get("flops", self.flops), state.get("train_s", 0.0)
 
 
 class StopAtAccuracy(Callback):
@@ -287,8 +322,10 @@ class Spend:
     `samples`: training samples forwarded (the Learner's forward, or more where a technique forwards
     some before it: Selective Backprop's selection pass); `backpropagated`: those whose loss reached the
     gradient; `full_samples`: what full data forwards in the planned epochs; `steps`: optimiser steps;
-    `work`: forward+backward passes in samples at full size (see `work_of`); `wall_s`/`cpu_s`: the
-    fit's wall-clock and the process's CPU time; `peak_mem_mb`: the run's peak memory, the peak mark
+    `work`: forward+backward passes in samples at full size (see `work_of`); `flops`: training FLOPs
+    (see `flops_of`; None where the model cannot be counted); `wall_s`/`cpu_s`: the fit's wall-clock and
+    the process's CPU time; `train_s`: the wall-clock of its training phases (validation excluded: a time
+    budget's measure); `peak_mem_mb`: the run's peak memory, the peak mark
     being reset before the run (`peak_mem_scope` "run"; "process" where it cannot be reset: the
     process's peak so far) -- CUDA's allocator on a GPU, the resident set (RSS) on a CPU.
     """
@@ -303,6 +340,8 @@ class Spend:
     peak_mem_mb: float | None
     peak_mem_kind: str = "rss"
     peak_mem_scope: str = "run"
+    flops: float | None = None
+    train_s: float | None = None
 
     @property
     def throughput(self) -> float | None:
@@ -355,6 +394,19 @@ def work_of(learner_samples: int, telemetry: Mapping) -> float:
     return passes * _size_fraction(telemetry)
 
 
+def flops_of(learner_flops: float | None, learner_samples: int, telemetry: Mapping) -> float | None:
+    """Training FLOPs: those counted on the Learner's training batches (at their real size), plus a
+    technique's forward-only pass (`FORWARD_SHARE`) and extra forward+backward passes (SAM's) as their
+    telemetry reports them, each at the run's mean FLOPs per forwarded sample. None: not counted."""
+    if learner_flops is None or not learner_samples:
+        return None
+    per_sample = learner_flops / learner_samples
+    forward_only = _forwarded(telemetry) or 0
+    if forward_only <= learner_samples:
+        forward_only = 0
+    return float(learner_flops + per_sample * (FORWARD_SHARE * forward_only + _extra_passes(telemetry)))
+
+
 def spend_of(counter: SampleCounter, telemetry: Mapping, full_samples: int, wall_s: float, cpu_s: float,
              peak_mem_mb: float | None, peak_mem_kind: str, peak_mem_scope: str) -> Spend:
     """A run's `Spend` from its sample counter and its techniques' telemetry (the one place it is
@@ -364,7 +416,8 @@ def spend_of(counter: SampleCounter, telemetry: Mapping, full_samples: int, wall
     return Spend(samples=forwarded, backpropagated=forwarded if backpropagated is None else backpropagated,
                  full_samples=full_samples, steps=counter.steps, work=work_of(counter.forwarded, telemetry),
                  wall_s=wall_s, cpu_s=cpu_s, peak_mem_mb=peak_mem_mb, peak_mem_kind=peak_mem_kind,
-                 peak_mem_scope=peak_mem_scope)
+                 peak_mem_scope=peak_mem_scope, flops=flops_of(counter.flops, counter.forwarded, telemetry),
+                 train_s=counter.train_s)
 
 
 # ------------------------------------------------------------------------------------------ one run
@@ -398,8 +451,14 @@ def fit_one(task, recipe: Recipe, ctx: RunContext, device: torch.device, model: 
             on_epoch: Callable[[int], None] | None = None, distributed: bool = False) -> Fit:
     """Fit `make_model(task, model, width)` on `task` under `recipe` with `fit_one_cycle(ctx.epochs,
     ctx.lr)`, seeded with `ctx.seed`, and measure it. A fit that forwarded no training sample raises.
+
     `distributed`: inside `effilab.system.distrib_ctx` (one process of a `torchrun` launch): the samples
-    counted are all ranks' (summed at the end), the times and memory this rank's."""
+    counted are all ranks' (summed at the end), the times and memory this rank's.
+
+    A recipe with a budget (`recipes.budget_plan`: under `--budget`, `reinvest`, a budget-matched
+    baseline) trains under `effilab.budget.Budget` instead: one-cycle over the budget's progress, within
+    the plan's epoch bound, ending when the budget is spent. `NothingToMatch` before any training for a
+    matched baseline whose technique saved nothing."""
     from fastai.callback.progress import ProgressCallback
     from fastai.callback.schedule import fit_one_cycle  # noqa: F401  (adds Learner.fit_one_cycle)
     from fastai.learner import Learner
@@ -408,6 +467,7 @@ def fit_one(task, recipe: Recipe, ctx: RunContext, device: torch.device, model: 
 
     from ..callback import telemetry_of
 
+    plan = budget_plan(recipe, ctx)
     gc.collect()  # the previous run's Learner sits in reference cycles: free it before measuring this one
     with seeded(ctx.seed):
         dls = task.dataloaders(bs=ctx.bs, seed=ctx.seed, device=device)
@@ -420,6 +480,12 @@ def fit_one(task, recipe: Recipe, ctx: RunContext, device: torch.device, model: 
         stopper = StopAtAccuracy(target_acc, counter) if target_acc is not None else None
         if stopper is not None:
             extra.append(stopper)
+        budget = None
+        if plan is not None:
+            from ..budget.clock import Budget
+
+            budget = Budget(plan.amount, plan.clock_unit)
+            extra.append(budget)
         learn = Learner(dls, net, loss_func=CrossEntropyLossFlat(), metrics=accuracy,
                         cbs=[counter, *recipe.make_callbacks(ctx), *extra])
         learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, ProgressCallback)])
@@ -431,9 +497,11 @@ def fit_one(task, recipe: Recipe, ctx: RunContext, device: torch.device, model: 
         if distributed:
             from ..system.distributed import distrib_ctx
         with learn.no_logging(), distrib_ctx(learn) if distributed else contextlib.nullcontext():
-            learn.fit_one_cycle(ctx.epochs, ctx.lr)
+            learn.fit_one_cycle(ctx.epochs if plan is None else plan.epochs, ctx.lr)
             if distributed:  # each rank forwarded its shard; the techniques' telemetry counts whole plans
                 counter.forwarded = _sum_over_ranks(counter.forwarded)
+                if counter.flops is not None:
+                    counter.flops = _sum_over_ranks(counter.flops)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
@@ -451,7 +519,11 @@ def fit_one(task, recipe: Recipe, ctx: RunContext, device: torch.device, model: 
     if spend.samples == 0:
         raise RuntimeError("the fit forwarded no training sample (is the training set smaller than a batch?)")
     reached = stopper.reached if stopper is not None else None
-    return Fit(history=history, params=dict(ctx.notes), telemetry=tel, spend=spend,
+    params = dict(ctx.notes)
+    if plan is not None:
+        params["budget"] = plan.to_dict() | {"spent": budget.spent, "progress": budget.progress,
+                                             "stopped_by_budget": budget.stopped_by_budget}
+    return Fit(history=history, params=params, telemetry=tel, spend=spend,
                time_to_target_s=None if reached is None else reached["clock"] - start,
                samples_to_target=None if reached is None else reached["samples"],
                epoch_to_target=None if reached is None else reached["epoch"])

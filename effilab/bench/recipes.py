@@ -31,7 +31,19 @@ if TYPE_CHECKING:
     from ..datasets import TaskData
 
 __all__ = [
+    "BUDGET_UNITS",
     "CAMPAIGN_KEYS",
+    "MATCHED",
+    "REFERENCE",
+    "BudgetPlan",
+    "NothingToMatch",
+    "add_matched_baselines",
+    "budget_plan",
+    "check_budget_unit",
+    "check_budgets",
+    "reinvest",
+    "saved_unit",
+    "spent_in",
     "COMPONENTS",
     "DEFAULT_FRACTION",
     "DEFAULT_RECIPES",
@@ -410,6 +422,11 @@ class Recipe:
     description: str = ""
     after: tuple[str, ...] = ()
     components: tuple[ComponentSpec, ...] = ()
+    matches: str = ""  # a budget-matched baseline: the recipe whose measured spend it is given
+
+    @property
+    def reinvests(self) -> bool:
+        return any(s.key == "reinvest" for s in self.components)
 
     @property
     def text(self) -> str:
@@ -435,8 +452,11 @@ class Recipe:
         return cbs
 
     def to_config(self) -> dict:
-        return {"name": self.name, "components": [str(c) for c in self.components],
-                "python": [getattr(f, "__qualname__", repr(f)) for f in self.callbacks]}
+        config = {"name": self.name, "components": [str(c) for c in self.components],
+                  "python": [getattr(f, "__qualname__", repr(f)) for f in self.callbacks]}
+        if self.matches:
+            config["matches"] = self.matches
+        return config
 
 
 RECIPES: dict[str, Recipe] = {}
@@ -503,7 +523,7 @@ def _recipe_from_mapping(entry: Mapping, where: str) -> Recipe:
 
 # Keys a campaign file may set besides its recipes (the command line's options of the same names win).
 CAMPAIGN_KEYS = ("task", "n_samples", "epochs", "seeds", "bs", "lr", "model", "width", "target_acc",
-                 "fraction", "device", "threads")
+                 "fraction", "device", "threads", "budget")
 
 
 def load_recipes_file(path) -> tuple[list[Recipe], dict[str, Any]]:
@@ -546,7 +566,7 @@ def load_recipes_file(path) -> tuple[list[Recipe], dict[str, Any]]:
 # What each campaign key must be: "int", "number" (int or float), "str", "ints" (a list of ints).
 _KEY_TYPES = {"task": "str", "n_samples": "int", "epochs": "int", "seeds": "ints", "bs": "int", "lr": "number",
               "model": "str", "width": "int", "target_acc": "number", "fraction": "number", "device": "str",
-              "threads": "int"}
+              "threads": "int", "budget": "str"}
 _TYPE_WORDS = {"int": "an integer", "number": "a number", "str": "a string", "ints": "a list of integers"}
 
 
@@ -634,6 +654,184 @@ def random_prune_fraction(forwarded_total: int, n_samples: int, epochs: int, del
     return (n_samples - keep) / n_samples
 
 
+# ------------------------------------------------------------------------------------------ budgets
+
+# `--budget` names -> the progress clock's units (`effilab.core.budget.UNITS`).
+BUDGET_UNITS = {"samples": "samples", "steps": "steps", "flops": "flops", "time": "seconds"}
+REFERENCE = "baseline"  # the recipe whose full-epoch spend is the campaign's budget
+MATCHED = "baseline@"  # prefix of a budget-matched baseline's name
+# The units a budget-matched baseline is matched in, in this order of preference (after the campaign's own
+# budget unit). Wall-clock is not one: on a shared machine it is too noisy to say what a technique saved.
+MATCH_UNITS = ("samples", "flops", "steps")
+SAVES_BELOW = 0.995  # a technique saved in a unit where it spent less than 99.5% of the baseline's
+
+
+class NothingToMatch(Exception):
+    """A budget-matched baseline whose technique saved nothing against the baseline: not run."""
+
+
+def check_budget_unit(unit, option: str = "--budget") -> str | None:
+    """`unit` if it is a bench budget (`BUDGET_UNITS`) or None, else a `RecipeError` naming the units."""
+    if unit is None:
+        return None
+    if not isinstance(unit, str) or unit not in BUDGET_UNITS:
+        raise RecipeError(f"unknown budget unit {unit!r} for {option}: use one of {', '.join(BUDGET_UNITS)} "
+                          "(leave --budget out to compare at equal epochs)")
+    return unit
+
+
+def reinvest(unit: str | None = None) -> None:
+    """Re-invested savings: the recipe trains until it has spent the baseline's whole budget, so what its
+    techniques save buys more epochs (e.g. `infobatch+reinvest`: the samples InfoBatch skips are trained
+    on later).
+
+    The budget is the baseline recipe's measured spend at the campaign's epochs, in `unit` (samples,
+    steps, flops or time; default: the campaign's `--budget`, else samples), driving the fit's
+    one-cycle schedule through `effilab.budget.Budget` so that it ends decayed on the budget. Needs a
+    recipe named `baseline` in the campaign (it runs first). Saves nothing: it spends what the technique
+    saved on more training."""
+    check_budget_unit(unit, "reinvest(unit=...)")
+
+
+def spent_in(record, unit: str) -> float | None:
+    """What a stored run spent in bench budget unit `unit` (None: not measured)."""
+    value = {"samples": "samples", "steps": "steps", "flops": "flops", "time": "train_s"}[unit]
+    value = getattr(record, value, None)
+    return None if value is None else float(value)
+
+
+def saved_unit(run, baseline, prefer: str | None = None) -> str | None:
+    """The unit in which `run` spent less than `baseline` (by `SAVES_BELOW`): `prefer` if it did there,
+    else the first of `MATCH_UNITS`; None if it saved nothing. A run that spent more training FLOPs than
+    the baseline saved nothing, whatever it forwarded less of (SAM on a time budget: fewer samples, each
+    twice the work)."""
+    mine, full = spent_in(run, "flops"), spent_in(baseline, "flops")
+    if mine is not None and full and mine * SAVES_BELOW > full:
+        return None
+    for unit in ([prefer] if prefer in MATCH_UNITS else []) + list(MATCH_UNITS):
+        mine, full = spent_in(run, unit), spent_in(baseline, unit)
+        if mine is not None and full and mine < SAVES_BELOW * full:
+            return unit
+    return None
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """The budget one run trains on: `amount` of `unit` (a bench unit; `clock_unit` is the progress clock's),
+    within at most `epochs` epochs (an upper bound: the budget ends the fit), and why (`kind`: "equal"
+    under --budget, "reinvest", or "matched" to recipe `matched_to`)."""
+
+    unit: str
+    amount: float
+    epochs: int
+    kind: str
+    matched_to: str | None = None
+
+    @property
+    def clock_unit(self) -> str:
+        return BUDGET_UNITS[self.unit]
+
+    def to_dict(self) -> dict:
+        return {"unit": self.unit, "amount": self.amount, "epochs": self.epochs, "kind": self.kind,
+                "matched_to": self.matched_to}
+
+
+def _peer(ctx: RunContext, name: str, why: str):
+    ref = ctx.peers.get(name)
+    if ref is None:
+        raise RuntimeError(f"{why} reads the run of recipe {name!r} with seed {ctx.seed}, which did not finish")
+    return ref
+
+
+def budget_plan(recipe: Recipe, ctx: RunContext, min_fraction: float = 0.5) -> BudgetPlan | None:
+    """The budget a run of `recipe` trains on, or None (the campaign's epochs, as without budgets).
+
+    The baseline recipe never has one: its full-epoch spend is the budget of the others. Under
+    `--budget UNIT` (`ctx.options["budget"]`) and with `reinvest`, a recipe gets the baseline's spend of
+    the same seed; a budget-matched baseline (`recipe.matches`) gets exactly what its technique's run of
+    the same seed spent, in the unit where that saved (`saved_unit`; `NothingToMatch` if it saved
+    nothing). The epoch bound holds the budget even if a technique forwards only `min_fraction` of each
+    epoch (the baseline's spend per epoch is the measure)."""
+    mode = ctx.options.get("budget")
+    if recipe.name == REFERENCE:
+        return None
+    if recipe.matches:
+        run = _peer(ctx, recipe.matches, f"the budget-matched baseline {recipe.name!r}")
+        base = _peer(ctx, REFERENCE, f"the budget-matched baseline {recipe.name!r}")
+        unit = saved_unit(run, base, mode)
+        if unit is None:
+            raise NothingToMatch(f"{recipe.matches} saved nothing against the baseline (samples, FLOPs, steps)")
+        amount, kind = spent_in(run, unit), "matched"
+    elif mode is not None or recipe.reinvests:
+        spec = next((s for s in recipe.components if s.key == "reinvest"), None)
+        unit = (spec.args.get("unit") if spec is not None else None) or mode or "samples"
+        base = _peer(ctx, REFERENCE, f"recipe {recipe.name!r} (budget: the baseline's spend)")
+        amount, kind = spent_in(base, unit), "reinvest" if spec is not None else "equal"
+        if amount is None:
+            raise RuntimeError(f"the baseline's run of seed {ctx.seed} has no {unit} measured: choose another "
+                               "budget unit")
+    else:
+        return None
+    per_epoch = (spent_in(base, unit) or 0.0) / max(int(getattr(base, "epochs_run", 0) or ctx.epochs), 1)
+    epochs = ctx.epochs if per_epoch <= 0 else max(1, math.ceil(amount / (per_epoch * min_fraction)))
+    return BudgetPlan(unit, float(amount), epochs, kind, recipe.matches or None)
+
+
+def add_matched_baselines(recipes: Sequence[Recipe], budget: str | None = None, matched: bool = True) -> list[Recipe]:
+    """`recipes` with a budget-matched baseline `baseline@<name>` right after each recipe but the baseline,
+    the re-invested ones and those already matched: the baseline recipe's components, run after both
+    (same seed) with the technique's measured spend as its budget. The recipes given the baseline's spend
+    (all under `budget`, those with `reinvest`) run after it. Without a baseline recipe: unchanged;
+    `matched=False`: no matched baselines."""
+    base = next((r for r in recipes if r.name == REFERENCE), None)
+    if base is None:
+        return list(recipes)
+    names = {r.name for r in recipes}
+    out: list[Recipe] = []
+    for recipe in recipes:
+        if recipe is not base and (budget is not None or recipe.reinvests) and REFERENCE not in recipe.after:
+            recipe = replace(recipe, after=(*recipe.after, REFERENCE))
+        out.append(recipe)
+        name = MATCHED + recipe.name
+        if not matched or recipe is base or recipe.matches or recipe.reinvests or name in names:
+            continue
+        out.append(Recipe(name, base.callbacks, f"the baseline given {recipe.name}'s measured spend, its schedule "
+                          "decayed to the end", after=(recipe.name, REFERENCE), components=base.components,
+                          matches=recipe.name))
+    return out
+
+
+def check_budgets(recipes: Sequence[Recipe], budget: str | None, epochs: int, n_train: int, bs: int,
+                  drop_last: bool = True) -> None:
+    """Before any training, a `RecipeError` for budgets that cannot hold: a comparison at equal spend
+    (`budget`, `reinvest`, matched baselines) without a baseline recipe, a recipe with its own `budget(...)`
+    component as well, or a `budget(amount, unit)` component that the campaign's `epochs` cannot spend."""
+    check_budget_unit(budget)
+    names = {r.name for r in recipes}
+    for recipe in recipes:
+        own = [s for s in recipe.components if s.key == "budget"]
+        needs_base = budget is not None or recipe.reinvests or recipe.matches
+        if needs_base and REFERENCE not in names and recipe.name != REFERENCE:
+            what = f"--budget {budget}" if budget is not None else f"recipe {recipe.name!r}"
+            raise RecipeError(f"{what} compares at the baseline's spend: add the recipe {REFERENCE!r} "
+                              f"(--recipe {REFERENCE})")
+        if own and (budget is not None or recipe.reinvests):
+            what = f"--budget {budget}" if budget is not None else "reinvest"
+            raise RecipeError(f"recipe {recipe.name!r} has its own budget(...) and {what} gives it the baseline's: "
+                              "keep one of them")
+        for spec in own:
+            unit, amount = spec.args.get("unit", "samples"), spec.args.get("amount")
+            if unit not in ("samples", "steps") or not isinstance(amount, (int, float)):
+                continue
+            steps = n_train // bs if drop_last else math.ceil(n_train / bs)
+            per_epoch = steps if unit == "steps" else (steps * bs if drop_last else n_train)
+            if per_epoch * epochs < amount:
+                need = math.ceil(amount / per_epoch)
+                raise RecipeError(f"recipe {recipe.name!r}: {spec} cannot be spent in {epochs} epochs of "
+                                  f"{per_epoch:,} {unit}: give --epochs {need} or more (the budget ends the fit), "
+                                  "or a smaller amount")
+
+
 # ------------------------------------------------------------------------------------------ built-ins
 
 
@@ -717,6 +915,8 @@ register_component("mixup", "effilab.bench.regularisation:mixup",
 register_component("cutmix", "effilab.bench.regularisation:cutmix",
                    "fastai's CutMix (Yun et al. 2019): a box of one image pasted into another", "data",
                    inputs=("image",))
+register_component("reinvest", "effilab.bench.recipes:reinvest",
+                   "train on the baseline's whole budget: what the recipe saves buys more epochs", "budget")
 register_component("label_smoothing", "effilab.bench.regularisation:label_smoothing",
                    "fastai's LabelSmoothingCrossEntropyFlat(eps) as the training loss", "data")
 
@@ -725,6 +925,14 @@ for _name, _text, _description in (
         ("infobatch", "infobatch", "InfoBatch(ratio=0.5, delta=0.875)"),
         ("random-prune", "random-prune", "random pruning forwarding as many samples as the same seed's "
                                          f"InfoBatch run (fraction {DEFAULT_FRACTION} without one)")):
+    register(Recipe(_name, description=_description, components=parse_components(_text)))
+
+# Presets that combine techniques, run by name (`--recipe fast`).
+for _name, _text, _description in (
+        ("fast", "infobatch+linear_decay",
+         "InfoBatch's pruning with a learning rate decayed linearly to zero over the fit (Li et al. 2020)"),
+        ("fast-reinvest", "infobatch+linear_decay+reinvest",
+         "fast, trained until it has spent the baseline's budget: the skipped samples buy more epochs")):
     register(Recipe(_name, description=_description, components=parse_components(_text)))
 
 DEFAULT_RECIPES = ("baseline", "infobatch", "random-prune")

@@ -92,6 +92,8 @@ class RunResult(_JsonRecord):
     status: str = "ok"
     work: float | None = None
     peak_mem_scope: str = "run"
+    flops: float | None = None  # training FLOPs (forward+backward, FlopCounterMode; None: not counted)
+    train_s: float | None = None  # wall-clock of the training phases (a time budget's measure)
 
     def __post_init__(self):
         if self.backpropagated is None:
@@ -119,7 +121,8 @@ class RunResult(_JsonRecord):
             epochs_run=len(fit.history), peak_mem_mb=sp.peak_mem_mb, peak_mem_kind=sp.peak_mem_kind,
             throughput=sp.throughput, target_acc=target_acc, time_to_target_s=fit.time_to_target_s,
             samples_to_target=fit.samples_to_target, epoch_to_target=fit.epoch_to_target,
-            recipe_text=recipe.text, device=device, work=sp.work, peak_mem_scope=sp.peak_mem_scope)
+            recipe_text=recipe.text, device=device, work=sp.work, peak_mem_scope=sp.peak_mem_scope,
+            flops=sp.flops, train_s=sp.train_s)
 
     @property
     def samples_frac(self) -> float:

@@ -17,7 +17,13 @@ from typing import Any
 
 from .store import RunFailure, RunResult
 
-__all__ = ["format_table", "html_table", "summarize", "table_rows"]
+__all__ = ["format_table", "html_table", "paired_test", "summarize", "table_rows"]
+
+MATCHED = "baseline@"  # a budget-matched baseline's name: MATCHED + the technique's
+ALPHA = 0.05  # a paired difference over seeds counts as a win or a loss below this p-value
+# Fewer seeds give a p-value but no verdict: two near-equal differences make a t-test "significant" on one
+# degree of freedom, and an exact sign-flip test cannot go below p = 0.5.
+MIN_SEEDS = 3
 
 
 def _num(value) -> float | None:
@@ -46,7 +52,53 @@ def _reference(rows: list[dict], reference: str) -> dict | None:
 
 
 _MEANS = ("accuracy", "best_accuracy", "wall_s", "cpu_s", "samples", "backpropagated", "steps", "work",
-          "throughput", "epochs_run")
+          "throughput", "epochs_run", "flops", "train_s")
+
+
+def _sign_flip_p(diffs: list[float]) -> float:
+    """Exact two-sided p of a paired sign-flip permutation test: the share of the 2^n sign patterns whose
+    mean is at least as far from zero as the observed one (scipy's t-test is used when it is installed)."""
+    from itertools import product
+
+    observed = abs(statistics.fmean(diffs))
+    flips = [abs(statistics.fmean(s * d for s, d in zip(signs, diffs)))
+             for signs in product((1, -1), repeat=len(diffs))]
+    return sum(f >= observed - 1e-12 for f in flips) / len(flips)
+
+
+def paired_test(diffs: Sequence[float]) -> dict:
+    """Per-seed accuracy differences (technique minus its budget-matched baseline) tested against zero:
+    {n, mean, p, test, verdict}. A paired t-test (scipy) for n >= 2 with spread, an exact sign-flip test
+    without scipy; n < 2 or no spread: p None and verdict "n/a". Verdict "beat" / "lost" where p < `ALPHA`,
+    else "no clear difference"; "too few seeds" below `MIN_SEEDS` (the p-value is still given)."""
+    xs = [x for x in map(_num, diffs) if x is not None]
+    n = len(xs)
+    out = {"n": n, "mean": statistics.fmean(xs) if xs else None, "p": None, "test": None, "verdict": "n/a"}
+    if n < 2 or statistics.pstdev(xs) == 0:
+        return out
+    try:
+        from scipy import stats
+
+        out["p"], out["test"] = float(stats.ttest_rel(xs, [0.0] * n).pvalue), "paired t-test"
+    except ImportError:
+        out["p"], out["test"] = _sign_flip_p(xs), "sign-flip permutation test"
+    if n < MIN_SEEDS:
+        out["verdict"] = "too few seeds"
+    elif out["p"] < ALPHA:
+        out["verdict"] = "beat" if out["mean"] > 0 else "lost"
+    else:
+        out["verdict"] = "no clear difference"
+    return out
+
+
+def _matched_comparison(name: str, results: list[RunResult]) -> dict | None:
+    """The paired test of recipe `name` against `baseline@name` over the seeds both ran."""
+    mine = {r.seed: r.accuracy for r in results if r.recipe == name}
+    theirs = {r.seed: r.accuracy for r in results if r.recipe == MATCHED + name}
+    seeds = sorted(set(mine) & set(theirs))
+    if not seeds:
+        return None
+    return {"against": MATCHED + name, "seeds": seeds, **paired_test([mine[s] - theirs[s] for s in seeds])}
 
 
 def summarize(results: Iterable[RunResult], reference: str = "baseline", *,
@@ -66,6 +118,8 @@ def summarize(results: Iterable[RunResult], reference: str = "baseline", *,
     for name in names:
         rs = [r for r in results if r.recipe == name]
         fs = [f for f in failures if f.recipe == name]
+        if name.startswith(MATCHED) and not rs and not fs:
+            continue  # a budget-matched baseline never needed: its technique saved nothing
         row: dict[str, Any] = {"recipe": name, "n_runs": len(rs), "n_failed": len(fs),
                                "seeds": [r.seed for r in rs], "failed_seeds": [f.seed for f in fs],
                                "target_acc": target_acc}
@@ -95,6 +149,8 @@ def summarize(results: Iterable[RunResult], reference: str = "baseline", *,
         row["samples_frac"] = _ratio(row, base, "samples_mean")
         row["backpropagated_frac"] = _ratio(row, base, "backpropagated_mean")
         row["work_frac"] = _ratio(row, base, "work_mean")
+        row["flops_frac"] = _ratio(row, ref, "flops_mean")
+        row["matched"] = _matched_comparison(row["recipe"], results)
         row["steps_frac"] = _ratio(row, ref, "steps_mean")
         row["wall_frac"] = _ratio(row, ref, "wall_s_mean")
         row["cpu_frac"] = _ratio(row, ref, "cpu_s_mean")
@@ -143,10 +199,16 @@ def table_rows(summary: list[dict]) -> tuple[list[str], list[list[str]]]:
         header.append(f"samples bwd (% of {vs})")
     if show_work:
         header.append(f"work, fwd+bwd sample passes (% of {vs})")
+    show_flops = any(_num(r.get("flops_mean")) is not None for r in ran)
+    if show_flops:
+        header.append(f"training FLOPs (% of {tvs})")
+    show_matched = any(r.get("matched") for r in ran)
     header += ["steps", f"wall-clock s (% of {tvs})", f"CPU s (% of {tvs})", "samples/s",
                f"peak MB ({'CUDA' if kind == 'cuda' else 'RSS'}, {scope})"]
     if target is not None:
         header += [f"time to {100 * target:g}% s (% of {tvs})", f"samples to {100 * target:g}%"]
+    if show_matched:
+        header.append("vs budget-matched baseline (Δ pts, paired over seeds)")
     rows = []
     for r in summary:
         n = r["n_runs"] + r["n_failed"]
@@ -166,6 +228,8 @@ def table_rows(summary: list[dict]) -> tuple[list[str], list[list[str]]]:
             cells.append(_count(r["backpropagated_mean"], r.get("backpropagated_frac")))
         if show_work:
             cells.append(_count(r.get("work_mean"), r.get("work_frac")))
+        if show_flops:
+            cells.append(_flops(r.get("flops_mean"), r.get("flops_frac")))
         cells += [
             _fmt("{:,.0f}", r["steps_mean"]),
             _fmt("{:.1f} ± {:.1f}", r["wall_s_mean"], r["wall_s_std"]) + f" ({_pct(r.get('wall_frac'))})",
@@ -181,8 +245,36 @@ def table_rows(summary: list[dict]) -> tuple[list[str], list[list[str]]]:
                 cells += [_fmt("{:.1f} ± {:.1f}", r["time_to_target_mean"], r["time_to_target_std"])
                           + f" ({_pct(r.get('time_to_target_frac'))}; {reached})",
                           _fmt("{:,.0f}", r["samples_to_target_mean"])]
+        if show_matched:
+            cells.append(matched_text(r.get("matched")))
         rows.append(cells)
     return header, rows
+
+
+def _flops(value, frac) -> str:
+    """FLOPs with an SI prefix (1.04 GFLOP), and the share of the reference."""
+    v = _num(value)
+    if v is None:
+        return "—"
+    for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3), ("", 1)):
+        if abs(v) >= scale or scale == 1:
+            text = f"{v / scale:.3g} {prefix}FLOP"
+            break
+    return text + ("" if _num(frac) is None else f" ({frac:.1%})")
+
+
+def matched_text(m: Mapping | None) -> str:
+    """One cell: the technique's mean accuracy difference to its budget-matched baseline, the test's p and n,
+    and the verdict ("n/a" with one seed)."""
+    if not m:
+        return "—"
+    delta = _fmt("{:+.2f} pts", _scale(m.get("mean")))
+    if m.get("p") is None:
+        why = "1 seed" if m.get("n", 0) < 2 else "no spread over seeds"
+        return f"{delta} (n={m.get('n', 0)}): n/a ({why})"
+    verdict = {"beat": f"beat {m['against']}", "lost": f"lost to {m['against']}",
+               "too few seeds": f"too few seeds for a verdict (>= {MIN_SEEDS})"}.get(m["verdict"], m["verdict"])
+    return f"{delta}, p={m['p']:.2g} (n={m['n']}): {verdict}"
 
 
 def _scale(frac) -> float | None:

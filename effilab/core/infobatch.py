@@ -270,15 +270,17 @@ class InfoBatchPruner:
         (delta=0.7 of 90 epochs: 63)."""
         return floor_times(self.delta, self.num_epochs)
 
-    def start_epoch(self, epoch: int | None = None) -> EpochPlan:
-        """Plan `epoch` (default: the one after the current plan). Idempotent for the current epoch."""
+    def start_epoch(self, epoch: int | None = None, annealing: bool | None = None) -> EpochPlan:
+        """Plan `epoch` (default: the one after the current plan). Idempotent for the current epoch.
+        `annealing`: whether this epoch anneals (None: `epoch >= anneal_epoch`; a budgeted fit decides it
+        from its progress instead)."""
         if epoch is None:
             epoch = 0 if self.plan is None else self.plan.epoch + 1
         if self.plan is not None and self.plan.epoch == epoch:
             return self.plan
         self.table.sync()
         self.plan = plan_epoch(self.table.scores, self.ratio, epoch, self.seed,
-                               annealing=epoch >= self.anneal_epoch)
+                               annealing=epoch >= self.anneal_epoch if annealing is None else annealing)
         return self.plan
 
     def weighted_loss(self, losses: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

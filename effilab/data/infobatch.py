@@ -12,6 +12,15 @@ from .pruning import EpochPruningCallback, WeightedLoss, WeightedPlanCallback
 __all__ = ["InfoBatch", "RandomPrune"]
 
 
+def _budget_anneals(learn, delta: float) -> bool | None:
+    """Under a `Budget`, whether the epoch starting now anneals: the budget's progress has reached `delta`
+    (the epoch count is only the fit's upper bound there); None without one (epoch >= floor(delta * n_epoch))."""
+    from ..budget.clock import budget_of
+
+    budget = budget_of(learn)
+    return None if budget is None else budget.progress >= delta
+
+
 class InfoBatch(WeightedPlanCallback):
     """InfoBatch: prune well-learned samples each epoch, rescale the rest: fewer samples forwarded and backpropagated.
 
@@ -19,7 +28,8 @@ class InfoBatch(WeightedPlanCallback):
     epoch the samples scoring below the mean ("well learned") are dropped with probability `ratio`; the
     survivors among them get loss weight 1/(1-ratio), so the epoch's expected gradient equals the
     full-data gradient. From epoch floor(`delta` * n_epoch) on, training uses all the data with weight 1
-    (annealing). The first epoch trains on everything (all scores start equal). Validation is never
+    (annealing; under an `effilab.budget.Budget`, from the first epoch that starts with the budget's
+    progress at `delta` or more). The first epoch trains on everything (all scores start equal). Validation is never
     pruned.
 
     **Paper.** Qin et al., "InfoBatch: Lossless Training Speed Up by Unbiased Dynamic Data Pruning", ICLR
@@ -81,7 +91,7 @@ class InfoBatch(WeightedPlanCallback):
         self.pruner.plan = None
 
     def make_plan(self, epoch: int) -> EpochPlan:
-        return self.pruner.start_epoch(epoch)
+        return self.pruner.start_epoch(epoch, annealing=_budget_anneals(self.learn, self.delta))
 
     def after_train(self):
         if self.active:
@@ -144,7 +154,9 @@ class RandomPrune(EpochPruningCallback):
         self.plan_seed = derive_seed(self.seed, self.fit_count)
 
     def make_plan(self, epoch: int) -> EpochPlan:
-        annealing = epoch >= floor_times(self.delta, self.learn.n_epoch)
+        annealing = _budget_anneals(self.learn, self.delta)
+        if annealing is None:
+            annealing = epoch >= floor_times(self.delta, self.learn.n_epoch)
         return random_plan(self.n_samples, self.fraction, epoch, self.plan_seed, annealing)
 
 

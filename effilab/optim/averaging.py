@@ -325,7 +325,8 @@ class EMA(WeightAveraging):
 class SWA(WeightAveraging):
     """SWA: stochastic weight averaging of the epoch-end weights of the last part of the fit.
 
-    **What it does.** From the epoch that ends at `start_frac` of the fit or later, it averages the
+    **What it does.** From the epoch that ends at `start_frac` of the fit or later (of the budget's progress
+    under an `effilab.budget.Budget`), it averages the
     weights at the end of each epoch with equal weights (`torch.optim.swa_utils`'s SWA rule). BatchNorm
     statistics of averaged weights are not the average of the statistics: before the averaged weights are
     validated or put into the model they are recomputed with `swa_utils.update_bn` over the training set
@@ -365,7 +366,11 @@ class SWA(WeightAveraging):
 
     def epoch_trained(self):
         self._bn_samples = 0
-        if self.learn.epoch + 1 >= exact(self.start_frac) * self.learn.n_epoch:  # 0.28 of 25: from epoch 6 (the 7th)
+        from ..budget.clock import budget_of
+
+        budget = budget_of(self.learn)  # a budgeted fit: its progress, the epoch count is only an upper bound
+        if budget.progress >= self.start_frac if budget is not None else \
+                self.learn.epoch + 1 >= exact(self.start_frac) * self.learn.n_epoch:  # 0.28 of 25: from epoch 6
             self.averager.update(self.model)
             self._bn_fresh = False
 

@@ -30,7 +30,8 @@ class BatchSizeSchedule(EffilabCallback):
     **What it does.** Sets the training loader's batch size at the start of every epoch: the loader's own
     `bs` until the first milestone, then `factor` times larger at each milestone (or `sizes[i]` in
     phase i). A milestone `m` (a fraction of the fit) takes effect at the first epoch that starts at or
-    after it (`epoch / n_epoch >= m`). Every sample is still seen once per epoch; an epoch with a k times
+    after it (`epoch / n_epoch >= m`; under an `effilab.budget.Budget`, the budget's progress at the epoch's
+    start). Every sample is still seen once per epoch; an epoch with a k times
     larger batch takes k times fewer optimizer steps. The validation loader is left alone, and the
     loader's batch size is restored after the fit.
 
@@ -95,7 +96,13 @@ class BatchSizeSchedule(EffilabCallback):
             tel = self.telemetry
             tel.set_meta(self.telemetry_name, planned=planned, milestones=list(self.milestones))
             tel.set_meta("schedule", planned=tel.meta("schedule").get("planned", {}) | {"bs": planned_curve(planned)})
-        self.bs = batch_size_at(self.learn.epoch, n_epoch, self.base_bs, self.milestones, self.factor, self.sizes)
+        from ..budget.clock import budget_of
+
+        budget = budget_of(self.learn)
+        if budget is not None:  # a budgeted fit: the milestones are fractions of its progress at this epoch's start
+            self.bs = batch_size_at(budget.progress, 1, self.base_bs, self.milestones, self.factor, self.sizes)
+        else:
+            self.bs = batch_size_at(self.learn.epoch, n_epoch, self.base_bs, self.milestones, self.factor, self.sizes)
         for d in self._changed:  # DistributedDL batches its shard with its own copy of `bs`
             d.bs = self.bs
         self.steps = self.cancelled = 0

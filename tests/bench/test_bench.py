@@ -87,7 +87,9 @@ def test_cli_quick_table_json_and_report_agree(quick_run):
     proc, out, data = quick_run
     assert data["status"] == "complete" and data["failures"] == []
     header, rows = _table(proc.stdout)
-    assert list(rows) == list(R.DEFAULT_RECIPES) == [r["name"] for r in data["config"]["recipes"]]
+    # Each technique is followed by its budget-matched baseline.
+    planned = ["baseline", "infobatch", "baseline@infobatch", "random-prune", "baseline@random-prune"]
+    assert list(rows) == planned == [r["name"] for r in data["config"]["recipes"]]
     # The printed table is the one in results.json, and its cells are the summary's numbers.
     assert data["table"] in proc.stdout
     assert (header, list(rows.values())) == table_rows(data["summary"])
@@ -103,7 +105,7 @@ def test_cli_quick_table_json_and_report_agree(quick_run):
         assert s["throughput_mean"] == pytest.approx(np.mean([r["samples"] / r["wall_s"] for r in mine]))
     # One progress line per run, in run order; the report's path is printed.
     progress = [ln for ln in proc.stdout.splitlines() if ln.startswith("[")]
-    assert [ln.split("]")[0] for ln in progress] == ["[1/3", "[2/3", "[3/3"]
+    assert [ln.split("]")[0] for ln in progress] == [f"[{i}/5" for i in range(1, 6)]
     assert f"report:  {out / 'report.html'}" in proc.stdout
     assert f"results: {out / 'results.json'}" in proc.stdout
     # The report: self-contained (plotly.js inside, nothing fetched), the same table, every recipe drawn.
@@ -112,15 +114,15 @@ def test_cli_quick_table_json_and_report_agree(quick_run):
     assert html_table(data) in page
     assert _html_table(page) == (header, rows)
     figs = bench.figures(data)
-    assert set(figs) == {"accuracy", "savings"}
+    assert set(figs) == {"accuracy", "savings", "pareto"}
     runs = [t for t in figs["accuracy"].data if t.name.endswith(": runs")]
     assert sorted(round(y, 6) for t in runs for y in t.y) == \
         sorted(round(100 * r["accuracy"], 6) for r in data["runs"] for _ in (0, 1))  # two panels
     saved = {t.name: dict(zip(t.x, t.y)) for t in figs["savings"].data}
-    assert set(saved) == {"infobatch", "random-prune"}  # the baseline is what they are measured against
+    assert set(saved) == set(planned[1:])  # the baseline is what they are measured against
     ib = next(s for s in data["summary"] if s["recipe"] == "infobatch")
     assert saved["infobatch"]["samples forwarded"] == pytest.approx(100 * (1 - ib["samples_frac"]))
-    for name in R.DEFAULT_RECIPES:
+    for name in planned:
         assert f'"name":"{name}"' in page
 
 
@@ -150,12 +152,50 @@ def test_cli_quick_counts_are_consistent(quick_run):
         assert r["target_acc"] is None and r["time_to_target_s"] is None
 
 
+def test_cli_quick_matched_baselines_spend_what_their_technique_spent_and_flops_are_counted(quick_run):
+    from effilab.bench.fit import make_model
+    from effilab.bench.tasks import load_task
+    from effilab.core.budget import step_flops
+
+    proc, out, data = quick_run
+    runs = {r["recipe"]: r for r in data["runs"]}
+    base, cfg = runs["baseline"], data["config"]
+    for name in ("infobatch", "random-prune"):
+        tech, matched = runs[name], runs[f"baseline@{name}"]
+        budget = matched["params"]["budget"]
+        assert (budget["unit"], budget["kind"], budget["matched_to"]) == ("samples", "matched", name)
+        # Exactly the technique's samples (whole batches), the one-cycle schedule ended on them (p = 1).
+        assert budget["amount"] == tech["samples"] == matched["samples"] < base["samples"]
+        assert budget["progress"] == 1.0 and budget["stopped_by_budget"]
+        assert matched["telemetry"]["records"]["budget"]["fit"][-1]["progress"] == 1.0
+        assert matched["recipe_text"] == "baseline" and matched["full_samples"] == base["full_samples"]
+        assert "budget" not in tech["params"]
+    # Training FLOPs: every batch has the same shape here, so steps times one step's count.
+    task = load_task(cfg["task"], **cfg["task_kwargs"])
+    one_step = step_flops(make_model(task, cfg["model"]), [torch.zeros(cfg["bs"], *task.input_shape)])
+    assert one_step > 0 and base["flops"] == base["steps"] * one_step
+    assert runs["infobatch"]["flops"] == runs["infobatch"]["steps"] * one_step < base["flops"]
+    # In the table and the report: FLOPs beside samples, the verdict against the matched baseline (1 seed).
+    header, rows = _table(proc.stdout)
+    col = header.index("training FLOPs (% of baseline)")
+    assert rows["infobatch"][col].endswith(f"({runs['infobatch']['flops'] / base['flops']:.1%})")
+    verdict = rows["infobatch"][header.index("vs budget-matched baseline (Δ pts, paired over seeds)")]
+    delta = 100 * (runs["infobatch"]["accuracy"] - runs["baseline@infobatch"]["accuracy"])
+    assert verdict == f"{delta:+.2f} pts (n=1): n/a (1 seed)"
+    page = (out / "report.html").read_text()
+    assert "Against the budget-matched baseline" in page and f"infobatch: {verdict}" in page
+    pareto = bench.figures(data)["pareto"]
+    assert pareto.layout.xaxis.title.text == "training FLOPs (forward+backward)"
+    dots = {t.name: list(t.x) for t in pareto.data if t.name.endswith(": runs")}
+    assert dots["baseline@infobatch: runs"] == [runs["baseline@infobatch"]["flops"]]
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--recipe", "nosuch"], "unknown recipe 'nosuch'; valid recipes: baseline, infobatch, random-prune; or "
-                             "components joined by '+': "),
+    (["--recipe", "nosuch"], "unknown recipe 'nosuch'; valid recipes: baseline, infobatch, random-prune, fast, "
+                             "fast-reinvest; or components joined by '+': activation_checkpointing, "),
     (["--recipe", "infobatch(ratio=0.3)+dashbord"], "unknown component 'dashbord'"),
     (["--recipe", "infobatch(ratoi=0.3)"],
      "does not accept 'ratoi'; it accepts: ratio, delta, momentum, seed"),
@@ -255,7 +295,7 @@ def test_resume_refuses_another_config_and_a_missing_campaign(tmp_path, capsys):
 def test_a_failing_run_is_reported_and_the_others_complete(tmp_path, capsys):
     out = tmp_path / "out"
     rc, stdout, err = _main(capsys, "--import", PLUGIN, *TINY, "--seeds", "0", "1", "--recipe", "baseline",
-                            "--recipe", "baseline+explode(at_epoch=1, seeds=[1])", "--out", str(out))
+                            "--recipe", "baseline+explode(at_epoch=1, seeds=[1])", "--out", str(out), "--no-matched")
     assert rc == 1, err
     data = _results(out)
     assert data["status"] == "failed"
@@ -276,7 +316,7 @@ def test_a_failing_run_is_reported_and_the_others_complete(tmp_path, capsys):
 def test_interrupted_campaign_keeps_finished_runs_and_resume_completes_it(tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     recipes = ["baseline", "infobatch", "random-prune+interrupt(at_epoch=0)"]
-    args = ["--import", PLUGIN, *TINY, "--seeds", "0", "1", "--out", str(out)]
+    args = ["--import", PLUGIN, *TINY, "--seeds", "0", "1", "--out", str(out), "--no-matched"]
     for r in recipes:
         args += ["--recipe", r]
     monkeypatch.setenv("EFFILAB_TEST_INTERRUPT", "1")  # Ctrl-C in the third run
@@ -306,7 +346,7 @@ def test_interrupted_campaign_keeps_finished_runs_and_resume_completes_it(tmp_pa
     assert rp0["params"]["random_prune"]["target_samples"] == first["runs"][1]["samples"]
     # Same runs as an uninterrupted campaign: counts and (CPU) accuracies.
     whole = bench.run("mnist1d", recipes, seeds=[0, 1], epochs=2, bs=64, task_kwargs={"n_samples": 600},
-                      progress=None, threads=1)
+                      progress=None, threads=1, matched=False)
     key = lambda runs: sorted((r["recipe"], r["seed"], r["samples"], r["accuracy"]) for r in runs)
     assert key(done["runs"]) == key(r.to_dict() for r in whole)
 
@@ -343,7 +383,7 @@ def test_ctrl_c_in_a_real_process_saves_the_finished_runs(tmp_path):
 
 def test_time_to_accuracy_stops_early_and_records_the_cost():
     c = bench.run("mnist1d", ["baseline", "infobatch"], seeds=[0], epochs=6, bs=64,
-                  task_kwargs={"n_samples": 1000}, target_acc=0.3, progress=None, threads=1)
+                  task_kwargs={"n_samples": 1000}, target_acc=0.3, progress=None, threads=1, matched=False)
     for r in c:
         reached = [h["epoch"] for h in r.history if h["accuracy"] >= 0.3]
         assert r.epochs_run < 6 and r.epochs_run == len(r.history) == reached[0] + 1  # stopped at the first
@@ -378,7 +418,7 @@ def test_backpropagated_samples_come_from_telemetry():
 def test_selective_backprop_counts_its_selection_pass_as_forwarded():
     # Its selection pass forwards every sample before the Learner's forward sees the smaller batch.
     c = bench.run("mnist1d", ["baseline", "selective_backprop(beta=1)"], seeds=[0], epochs=2, bs=64,
-                  task_kwargs={"n_samples": 600}, progress=None, threads=1)
+                  task_kwargs={"n_samples": 600}, progress=None, threads=1, matched=False)
     base, sb = c
     assert sb.samples == base.samples == base.full_samples
     assert sb.backpropagated == round(64 / 2) * (sb.samples // 64) < sb.samples
@@ -399,7 +439,7 @@ def test_campaign_object_recipes_file_and_image_folder(tmp_path, capsys):
                     '[[recipe]]\nname = "ib"\ncomponents = ["infobatch(ratio=0.3)"]\n'
                     '[[recipe]]\ncomponents = ["baseline"]\n')
     out = tmp_path / "out"
-    rc, stdout, err = _main(capsys, "--recipes-file", str(toml), "--out", str(out), "--model", "mlp")
+    rc, stdout, err = _main(capsys, "--recipes-file", str(toml), "--out", str(out), "--model", "mlp", "--no-matched")
     assert rc == 0, err
     data = _results(out)
     cfg = data["config"]
@@ -494,7 +534,7 @@ def test_seq_len_warmup_runs_on_pysource_and_its_work_counts_tokens(tmp_path, ca
 
 def test_work_counts_extra_and_forward_only_passes():
     c = bench.run("mnist1d", ["baseline", "sam", "selective_backprop(beta=1)"], seeds=[0], epochs=2, bs=64,
-                  task_kwargs={"n_samples": 600}, progress=None, threads=1)
+                  task_kwargs={"n_samples": 600}, progress=None, threads=1, matched=False)
     base, sam, sb = c
     assert base.work == base.samples
     extra = sum(r["extra_samples"] for r in sam.telemetry["records"]["sam"]["epoch"])

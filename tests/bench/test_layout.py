@@ -11,8 +11,8 @@ import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "effilab" / "bench"
 # Each module's stage; a module may import its own stage's modules or earlier ones.
-STAGES = {"tasks": 0, "regularisation": 0, "recipes": 0, "fit": 1, "store": 2, "table": 3, "report": 4,
-          "campaign": 5}
+STAGES = {"tasks": 0, "regularisation": 0, "recipes": 0, "fit": 1, "distributed": 1, "store": 2, "table": 3,
+          "report": 4, "campaign": 5}
 
 
 def _bench_imports(path: Path) -> set[str]:

@@ -233,7 +233,7 @@ def test_json_writes_are_atomic(tmp_path, monkeypatch):
 def test_resume_keeps_a_failure_record_until_its_run_is_retried(tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     flaky = "baseline+explode(at_epoch=1, unless_env='EFFILAB_TEST_FIXED')+interrupt(at_epoch=0)"
-    args = ["--import", PLUGIN, *TINY, "--recipe", "baseline", "--recipe", flaky, "--out", str(out)]
+    args = ["--import", PLUGIN, *TINY, "--recipe", "baseline", "--recipe", flaky, "--out", str(out), "--no-matched"]
     rc, _, err = _main(capsys, *args)
     assert rc == 1, err
     (failure,) = _results(out)["failures"]
