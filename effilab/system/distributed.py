@@ -114,6 +114,10 @@ FSDP_REFUSED = {
     "LAWA": "it keeps whole copies of the last checkpoints' parameters",
     "LambOptimizer": "fastai's Lamb takes each layer's norm, which on a shard is only that shard's",
     "LarsOptimizer": "fastai's Larc takes each layer's norm, which on a shard is only that shard's",
+    "FP8Training": "torchao's float8 layers need their own FSDP2 wiring (float8 all-gather, precomputed scales), "
+                   "which is not done here: its emulated layers crash a sharded CPU run",
+    "ModelGrowth": "it inserts and copies blocks mid-fit, which a sharded model cannot take (as under DDP)",
+    "ModelWidening": "it resizes layers mid-fit, which a sharded model cannot take (as under DDP)",
 }
 
 
