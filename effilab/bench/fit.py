@@ -54,6 +54,7 @@ class SampleCounter(EffilabCallback):
         self.train_s = 0.0
         self._epoch_forwarded = self._epoch_steps = self._epoch_flops = 0
         self._step_flops: dict = {}  # (input shapes, trainable tensors) -> FLOPs of one forward+backward
+        self._batch_flops = 0
         self._cancelled = False
         self._t0 = None
 
@@ -63,6 +64,10 @@ class SampleCounter(EffilabCallback):
 
     def before_batch(self):
         self._cancelled = False
+        # Measured here, before the batch's forward, so that no measurement open around the step (a user's own
+        # FlopCounterMode or saved-tensor hooks) sees the meta-device pass.
+        if self.training and self.flops is not None:
+            self._count_flops()
 
     def after_pred(self):
         if self.training:
@@ -70,7 +75,7 @@ class SampleCounter(EffilabCallback):
 
             self._epoch_forwarded += find_bs(self.learn.xb)
             if self.flops is not None:
-                self._count_flops()
+                self._epoch_flops += self._batch_flops
 
     def _count_flops(self):
         from fastai.torch_core import get_model
@@ -87,7 +92,7 @@ class SampleCounter(EffilabCallback):
             except RuntimeError:  # a model the meta device cannot run: FLOPs unknown for this run
                 self.flops = None
                 return
-        self._epoch_flops += self._step_flops[key]
+        self._batch_flops = self._step_flops[key]
 
     def after_cancel_step(self):
         self._cancelled = True  # e.g. gradient accumulation: fastai still fires after_step

@@ -57,7 +57,7 @@ class FitRecorder(EffilabCallback):
 
     **Use.** `Learner(..., cbs=FitRecorder())`, then any `fit*`; cost per step: a few attribute reads.
 
-    With a `SyncFreeRecorder` on the Learner it reads no loss at all: the recorder's own reads (source
+    With a `SyncFreeRecorder` on the Learner it reads none of the losses itself: the recorder's own reads (source
     `"recorder"`, stream `"read"`) are the training curve, and the step records carry no `train_loss`.
 
     **Telemetry.** Source `"fit"`: meta `n_epoch`, `n_iter` (batches of the first epoch), `bs`, `n_train`,

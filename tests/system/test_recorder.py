@@ -110,12 +110,12 @@ def test_interrupted_fits_leave_the_recorder_as_fastai_has_it():
             pass
         assert "sync_free_recorder" not in learn.__dict__
         assert type(learn.recorder.smooth_loss) is AvgSmoothLoss
-    # A callback kept on the Learner through an exception undoes it at its next fit.
+    # A callback kept on the Learner undoes its change as the exception leaves the fit (after_cancel_fit).
     cb = SyncFreeRecorder(every=5)
     learn.add_cb(cb)
     with pytest.raises(RuntimeError):
         learn.fit(1, 1e-2, cbs=Boom(RuntimeError("boom")))
-    assert isinstance(learn.recorder.smooth_loss, DeviceSmoothLoss)
+    assert type(learn.recorder.smooth_loss) is AvgSmoothLoss
     learn.fit(1, 1e-2)
     assert type(learn.recorder.smooth_loss) is AvgSmoothLoss and len(learn.recorder.losses) == 7
 
@@ -140,7 +140,7 @@ def test_pickles_mid_fit_without_its_run_and_sync_free_adds_it():
 
 @pytest.mark.parametrize("every", [0, -1, 2.5, True, "3", None])
 def test_bad_every_is_refused(every):
-    with pytest.raises(TypeError, match="every must be a positive int"):
+    with pytest.raises(TypeError, match=r"every must be (a positive )?int"):
         SyncFreeRecorder(every)
 
 
