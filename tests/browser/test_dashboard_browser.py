@@ -64,10 +64,12 @@ def test_live_dashboard_draws_and_moves(tmp_path, app):
                 L.record_status(page)
                 L.run_all(page)
 
-                # -- while training: the widget appears, with every panel
-                first = _wait("the live dashboard with schedule, memory and histogram drawn", lambda: (
-                    (s := L.live_state(page)) and s["traces"].get("schedule/lr: actual", 0) >= 2
-                    and s["traces"].get("memory: rss", 0) >= 2 and s["bars"] > 0 and s), 150, page)
+                # -- while training: the widget appears, with every panel once an epoch has ended (a panel
+                # appears with its first point: the metrics and the samples forwarded come at epoch ends)
+                first = _wait("the live dashboard with schedule, memory, histogram and an epoch's end drawn",
+                              lambda: ((s := L.live_state(page)) and s["traces"].get("schedule/lr: actual", 0) >= 2
+                                       and s["traces"].get("memory: rss", 0) >= 2 and s["bars"] > 0
+                                       and s["traces"].get("loss: valid", 0) >= 1 and s), 150, page)
                 timings["widget"] = time.monotonic() - t0
                 page.query_selector(".effilab-dashboard").evaluate("e => e.scrollIntoView({block: 'start'})")
                 assert first["svgs"] >= 1, "no plotly svg inside the dashboard"
