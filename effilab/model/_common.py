@@ -57,6 +57,10 @@ def _carry_state(learn: Learner, old, migrate: dict) -> None:
 def first_batch(dl) -> tuple:
     """One training batch (`dl.one_batch()`) with the loader's, Python's and torch's random streams put back:
     a data-dependent init must not change the order the fit then sees."""
+    from fastai.distributed import DistributedDL
+
+    if isinstance(dl, DistributedDL):  # its one_batch reaches for the dataset; the wrapped loader has the batches
+        dl = dl.dl
     rng = getattr(dl, "rng", None)  # fastai replaces `dl.rng` by a new generator on each iteration
     states = (rng.getstate() if rng is not None else None, random.getstate(), torch.get_rng_state())
     try:

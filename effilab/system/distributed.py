@@ -116,6 +116,9 @@ FSDP_REFUSED = {
     "LarsOptimizer": "fastai's Larc takes each layer's norm, which on a shard is only that shard's",
     "FP8Training": "torchao's float8 layers need their own FSDP2 wiring (float8 all-gather, precomputed scales), "
                    "which is not done here: its emulated layers crash a sharded CPU run",
+    "RigL": "its masks, ERK densities and drop/regrow top-k are over whole weight tensors, not shards",
+    "SET": "its masks, ERK densities and drop/regrow top-k are over whole weight tensors, not shards",
+    "DynamicSparse": "its masks, ERK densities and drop/regrow top-k are over whole weight tensors, not shards",
     "ModelGrowth": "it inserts and copies blocks mid-fit, which a sharded model cannot take (as under DDP)",
     "ModelWidening": "it resizes layers mid-fit, which a sharded model cannot take (as under DDP)",
 }

@@ -352,4 +352,5 @@ def test_every_technique_trains_under_fsdp_or_is_refused_by_name(fsdp_technique_
         mine = {s: v for s, v in r0[name]["telemetry"].items() if s != "fit"}
         assert mine == {s: v for s, v in r1[name]["telemetry"].items() if s != "fit"}, name
     assert {n for n in techniques if "refused" in r0[n]} == {"sam", "looksam", "ema", "swa", "lawa", "lamb", "lars",
-                                                                 "fp8", "model_growth", "model_widening"}
+                                                                 "fp8", "model_growth", "model_widening",
+                                                                 "sparse_rigl", "sparse_set"}
