@@ -119,6 +119,9 @@ FSDP_REFUSED = {
     "RigL": "its masks, ERK densities and drop/regrow top-k are over whole weight tensors, not shards",
     "SET": "its masks, ERK densities and drop/regrow top-k are over whole weight tensors, not shards",
     "DynamicSparse": "its masks, ERK densities and drop/regrow top-k are over whole weight tensors, not shards",
+    "WhitenFirstConv": "it writes the first convolution's whole weight from data patches; initialise before sharding",
+    "ResidualGates": "it adds gate parameters after the model was sharded; insert them first "
+                     "(effilab.core.init.insert_gates) and train without the callback",
     "ModelGrowth": "it inserts and copies blocks mid-fit, which a sharded model cannot take (as under DDP)",
     "ModelWidening": "it resizes layers mid-fit, which a sharded model cannot take (as under DDP)",
 }

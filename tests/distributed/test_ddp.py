@@ -348,9 +348,13 @@ def test_every_technique_trains_under_fsdp_or_is_refused_by_name(fsdp_technique_
         assert r0[name]["values"] == r1[name]["values"], name
         for key, value in r0[name]["params"].items():
             assert torch.equal(value, r1[name]["params"][key]), f"{name}: {key} differs between ranks"
-        # Timings differ between ranks; every technique's own records agree.
-        mine = {s: v for s, v in r0[name]["telemetry"].items() if s != "fit"}
-        assert mine == {s: v for s, v in r1[name]["telemetry"].items() if s != "fit"}, name
+        # Timings (seconds, and what is derived from them) differ between ranks; every technique's other records agree.
+        def untimed(tele):
+            return {s: [{k: v for k, v in rec.items() if not k.endswith("_s") and k != "break_even_step"}
+                        for rec in recs] for s, recs in tele.items() if s != "fit"}
+
+        assert untimed(r0[name]["telemetry"]) == untimed(r1[name]["telemetry"]), name
     assert {n for n in techniques if "refused" in r0[n]} == {"sam", "looksam", "ema", "swa", "lawa", "lamb", "lars",
                                                                  "fp8", "model_growth", "model_widening",
-                                                                 "sparse_rigl", "sparse_set"}
+                                                                 "sparse_rigl", "sparse_set", "whiten_first_conv",
+                                                                 "rezero"}
