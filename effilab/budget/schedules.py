@@ -68,7 +68,7 @@ class BudgetSchedule(EffilabCallback):
             return
         if self._peak is None:
             self._peak = self._find_peak()
-            grid = np.linspace(0, 1, 101)
+            grid = np.linspace(0, 1, 101)  # sync-ok: NumPy, once per fit
             curve = {"pct": grid.tolist(), "value": [float(self._peak[0] * self.schedule.multiplier(p)) for p in grid]}
             tel = self.telemetry
             tel.set_meta("schedule", planned=tel.meta("schedule").get("planned", {}) | {"lr": curve})

@@ -272,7 +272,8 @@ class DynamicSparsity:
     # -- state
     def state_dict(self) -> dict:
         return {"names": list(self.names), "n_active": list(self.n_active), "step": self.step,
-                "n_updates": self.n_updates, "seed": self.seed, "masks": [m.detach().cpu().clone() for m in self.masks]}
+                "n_updates": self.n_updates, "seed": self.seed,
+                "masks": [m.detach().cpu().clone() for m in self.masks]}  # sync-ok: checkpoints only
 
     def load_state_dict(self, state: dict) -> None:
         if state["names"] != self.names:

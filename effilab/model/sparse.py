@@ -110,7 +110,7 @@ class DynamicSparse(EffilabCallback):
 
     def first_layer_mask(self) -> torch.Tensor:
         """The first sparse layer's mask (bool, on the CPU): the connections that survive."""
-        return self.sparsity.masks[0].detach().cpu()
+        return self.sparsity.masks[0].detach().cpu()  # sync-ok: called by the user, not per step
 
     # -- events
     def before_fit(self):
