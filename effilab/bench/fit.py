@@ -27,6 +27,7 @@ import torch
 from fastai.callback.core import Callback, CancelFitException
 
 from ..callback import EffilabCallback
+from ..core.budget import StepFlops
 from .recipes import Recipe, RunContext, budget_plan
 from .tasks import MODELS, TaskError
 
@@ -38,7 +39,7 @@ class SampleCounter(EffilabCallback):
     spent training, whatever the recipe.
 
     FLOPs are forward+backward of the model on each training batch, counted by `FlopCounterMode` on the
-    meta device (`effilab.core.budget.step_flops`) once per batch shape and number of trainable tensors (so
+    meta device (`effilab.core.budget.StepFlops`) once per batch shape and trainable-parameter pattern (so
     re-measured when a technique changes the inputs' size or freezes layers); None when the model cannot
     be counted there. Training time is the wall-clock of the training phases (validation excluded).
     Writes per-epoch counts to telemetry (source `"counter"`, stream `"epoch"`: forwarded, steps, flops and
@@ -53,7 +54,7 @@ class SampleCounter(EffilabCallback):
         self.flops: int | None = 0 if count_flops else None
         self.train_s = 0.0
         self._epoch_forwarded = self._epoch_steps = self._epoch_flops = 0
-        self._step_flops: dict = {}  # (input shapes, trainable tensors) -> FLOPs of one forward+backward
+        self._step_flops = StepFlops()
         self._batch_flops = 0
         self._cancelled = False
         self._t0 = None
@@ -80,19 +81,9 @@ class SampleCounter(EffilabCallback):
     def _count_flops(self):
         from fastai.torch_core import get_model
 
-        from ..core.budget import step_flops
-
-        model = get_model(self.learn.model)
-        xb = self.learn.xb
-        key = (tuple((tuple(x.shape), x.dtype) for x in xb if isinstance(x, torch.Tensor)),
-               sum(p.requires_grad for p in model.parameters()))
-        if key not in self._step_flops:
-            try:
-                self._step_flops[key] = step_flops(model, xb)
-            except RuntimeError:  # a model the meta device cannot run: FLOPs unknown for this run
-                self.flops = None
-                return
-        self._batch_flops = self._step_flops[key]
+        self._batch_flops = self._step_flops(get_model(self.learn.model), self.learn.xb)
+        if self._batch_flops is None:  # a model the meta device cannot run: FLOPs unknown for this run
+            self.flops = None
 
     def after_cancel_step(self):
         self._cancelled = True  # e.g. gradient accumulation: fastai still fires after_step

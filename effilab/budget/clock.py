@@ -17,7 +17,7 @@ from fastai.learner import Learner
 from fastai.torch_core import find_bs, get_model
 
 from ..callback import EffilabCallback
-from ..core.budget import BudgetClock, check_amount, check_unit, epochs_for_budget, step_flops
+from ..core.budget import BudgetClock, StepFlops, check_amount, check_unit, epochs_for_budget
 from ..core.distributed import is_distributed
 from ..registry import register
 
@@ -116,7 +116,7 @@ class Budget(EffilabCallback):
         self._resume = False  # state loaded from a checkpoint: the next fit continues its spend
         self._fitting = False  # a fit is training (not validate(), not lr_find)
         self._stop = False
-        self._flops: dict = {}  # input shapes -> FLOPs per step
+        self._flops = StepFlops()
         self._reset_times()
 
     # -- readable
@@ -212,10 +212,9 @@ class Budget(EffilabCallback):
         elif unit == "tokens":
             self._cost = xb[0].numel()
         elif unit == "flops":
-            key = tuple((tuple(x.shape), x.dtype) for x in xb if isinstance(x, torch.Tensor))
-            if key not in self._flops:
-                self._flops[key] = step_flops(get_model(self.learn.model), xb)
-            self._cost = self._flops[key]
+            self._cost = self._flops(get_model(self.learn.model), xb)
+            if self._cost is None:
+                raise RuntimeError(self._flops.failed)
 
     def after_cancel_step(self):
         self._stepped = None  # fastai fires after_step after a cancelled step too

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 __all__ = ["UNITS", "BudgetClock", "LrSchedule", "check_amount", "check_unit", "cooldown_budget", "cosine",
-           "epochs_for_budget", "linear_decay", "rex", "step_flops", "wsd"]
+           "epochs_for_budget", "linear_decay", "rex", "step_flops", "StepFlops", "wsd"]
 
 UNITS = ("steps", "samples", "tokens", "flops", "seconds")
 
@@ -188,6 +188,32 @@ def step_flops(model: nn.Module, inputs: Sequence[torch.Tensor]) -> int:
         raise RuntimeError(f"cannot count the FLOPs of {type(model).__name__} on the meta device ({e}); "
                            "use a samples, tokens or steps budget for this model") from e
     return int(counter.get_total_flops())
+
+
+class StepFlops:
+    """`step_flops` remembered per input shapes and dtypes and per trainable-parameter pattern: a new batch
+    shape, a frozen layer or a grown model is counted again, an unchanged step is a dictionary lookup.
+    Returns None for a model the meta device cannot run (then always None: FLOPs unknown)."""
+
+    def __init__(self):
+        self._counts: dict = {}
+        self.failed: str | None = None
+
+    def __call__(self, model: nn.Module, inputs: Sequence[torch.Tensor]) -> int | None:
+        if self.failed is not None:
+            return None
+        key = (tuple((tuple(x.shape), x.dtype) for x in inputs if isinstance(x, torch.Tensor)),
+               tuple(p.requires_grad for p in model.parameters()))
+        if key not in self._counts:
+            try:
+                self._counts[key] = step_flops(model, inputs)
+            except RuntimeError as e:
+                self.failed = str(e)
+                return None
+        return self._counts[key]
+
+    def __len__(self) -> int:  # distinct steps counted
+        return len(self._counts)
 
 
 # ---- schedules: multipliers of the peak learning rate as functions of progress p in [0, 1]

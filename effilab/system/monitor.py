@@ -11,17 +11,17 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from fastai.torch_core import find_bs
-from torch.utils.flop_counter import FlopCounterMode
+from fastai.torch_core import find_bs, get_model
 
 from ..callback import EffilabCallback
+from ..core.budget import StepFlops
 from ..core.probe import MemoryProbe, ThroughputMeter
 from ..registry import register
 
 __all__ = ["DATASHEET_TFLOPS", "SystemMonitor", "datasheet_peak", "measured_cpu_peak", "oom_report", "peak_flops"]
 
 _MB = 2.0**20
-_PER_BATCH = frozenset(("before_batch", "after_backward", "after_batch", "after_cancel_batch"))
+_PER_BATCH = frozenset(("before_batch", "after_batch"))
 
 # Dense tensor-core (or FP32 unit) peaks from the vendors' datasheets, in TFLOP/s, per GPU: the sparse
 # figures the datasheets headline are halved. Matched against the CUDA device name in this order (the
@@ -202,14 +202,16 @@ class SystemMonitor(EffilabCallback):
     psutil (~25 us), allocator and NVML read every `every_s`. Validation batches are not
     timed. CUDA's peak-memory statistic is reset at each epoch (process-wide).
 
-    **Model FLOPs utilisation.** At the first training step of each epoch the forward and backward passes
-    run under PyTorch's `FlopCounterMode` (that one step runs slower; counting needs shapes only, no
-    host read): the FLOPs per sample times the samples per second, over the device's peak, is the MFU.
+    **Model FLOPs utilisation.** At the first training step of each epoch the step's forward and backward
+    are counted by PyTorch's `FlopCounterMode` on the meta device (`effilab.core.budget.StepFlops`: shapes
+    only, no memory, no host read, counted again only when the batch shape or the trainable parameters
+    change). Not in the step itself: a backward run under a dispatch mode turns the gradients of fastai's
+    `TensorBase` inputs into `TensorBase`, and every optimiser op after that pays its `__torch_function__`
+    (+30-50% on a 1-ms step). The FLOPs per sample times the samples per second, over the device's peak, is the MFU.
     The peak (`peak_flops=` overrides it) is the dense datasheet figure for known GPUs (`DATASHEET_TFLOPS`,
     in the precision the fit computes in: bf16/fp16 under fastai's `MixedPrecision`, TF32 or FP32
     otherwise) and, on a CPU, a measured 512x512 matmul (once per process). Extra passes a technique
-    makes (SAM's second step, recomputation) are work the MFU does not count: they lower it. The counted
-    step is the fit's own, not an extra pass, so the bench's work column has nothing to add for it.
+    makes (SAM's second step, recomputation) are work the MFU does not count: they lower it.
 
     **Memory on CUDA.** `memory_snapshot="mem.pickle"` records the allocator's history (with the Python
     stack of every allocation) for the first `snapshot_steps` training steps and saves it for PyTorch's
@@ -261,7 +263,7 @@ class SystemMonitor(EffilabCallback):
 
     def __setattr__(self, name, value):
         # fastai removes a callback with `cb.learn = None`, also after an exception ends a fit with no event:
-        # a FLOP counter or memory recording it left running stops then.
+        # a memory recording it left running stops then.
         if name == "learn" and value is None and self.__dict__.get("_run") is not None:
             self._end()
         super().__setattr__(name, value)
@@ -278,7 +280,7 @@ class SystemMonitor(EffilabCallback):
         self.telemetry.set_meta("system", **probe.info(), peak_flops=peak, peak_source=source)
         t0 = time.perf_counter()
         self._run = SimpleNamespace(probe=probe, meter=ThroughputMeter(), t0=t0, last=t0, in_epoch=False, peak=peak,
-                                    flop_mode=None, flops_per_sample=None, count_next=self.count_flops,
+                                    step_flops=StepFlops(), flops_per_sample=None, count_next=self.count_flops,
                                     snapshot=None, steps=0, training=False)
         if probe.is_cuda and self.memory_snapshot is not None:
             torch.cuda.memory._record_memory_history(max_entries=100_000)
@@ -320,25 +322,12 @@ class SystemMonitor(EffilabCallback):
     def before_batch(self):
         run = self._run
         if run is not None and run.in_epoch:
+            run.meter.batch_start()
             if run.count_next:
                 run.count_next = False
-                run.flop_mode = FlopCounterMode(display=False)
-                run.flop_mode.__enter__()
-            run.meter.batch_start()
-
-    def after_backward(self):
-        run = self._run
-        if run is not None and run.flop_mode is not None:
-            mode, run.flop_mode = run.flop_mode, None
-            mode.__exit__(None, None, None)
-            run.flops_per_sample = mode.get_total_flops() / max(1, find_bs(self.learn.xb))
-
-    def _stop_counting(self):
-        run = self._run
-        if run is not None and run.flop_mode is not None:  # a step that ended before its backward
-            mode, run.flop_mode = run.flop_mode, None
-            mode.__exit__(None, None, None)
-            run.count_next = True
+                flops = run.step_flops(get_model(self.learn.model), self.learn.xb)
+                if flops is not None:
+                    run.flops_per_sample = flops / max(1, find_bs(self.learn.xb))
 
     def _flops(self, samples_per_s: float) -> dict:
         run = self._run
@@ -351,7 +340,6 @@ class SystemMonitor(EffilabCallback):
         run = self._run
         if run is None or not run.in_epoch:
             return
-        self._stop_counting()
         now = run.meter.batch_end(find_bs(self.learn.xb))
         if run.snapshot is not None:
             run.steps += 1
@@ -371,9 +359,6 @@ class SystemMonitor(EffilabCallback):
         torch.cuda.memory._dump_snapshot(str(path))
         torch.cuda.memory._record_memory_history(enabled=None)
         self.telemetry.set_meta("system", memory_snapshot=str(path))
-
-    def after_cancel_batch(self):
-        self._stop_counting()
 
     def after_train(self):
         if self._run is not None:
@@ -410,7 +395,6 @@ class SystemMonitor(EffilabCallback):
         run = self._run
         if run is None:
             return
-        self._stop_counting()
         if run.snapshot is not None:  # a fit shorter than snapshot_steps
             self._dump_snapshot()
         _ACTIVE.pop(id(self), None)
@@ -420,7 +404,6 @@ class SystemMonitor(EffilabCallback):
         run = self._run
         if run is None:
             return
-        self._stop_counting()
         dev = run.probe.device
         try:
             segments = torch.cuda.memory_snapshot()
