@@ -63,8 +63,8 @@ class Dashboard(EffilabCallback):
 
     - *live*: one `FigureWidget` (subplots) under one header line (a progress bar and the status), in a
       box of CSS class `effilab-dashboard`; redrawn when the telemetry changed, at most `max_per_s` times
-      per second and only while the time spent drawing stays within `budget` (a share, default 1%) of the
-      fit's time so far: the drawing rate follows the measured cost of a draw against the training steps,
+      per second and only while the CPU time spent drawing stays within `budget` (a share, default 1%) of
+      the fit's time so far: the drawing rate follows the measured cost of a draw against the training steps,
       on any machine (rebuilding the layout when a panel appears, a few times per fit, is not held against
       the budget). A draw sends only the traces whose data changed, as binary arrays, in one message. At the end of the
       fit the widget is replaced, through its display handle, by the static figure, so a saved notebook
@@ -101,7 +101,7 @@ class Dashboard(EffilabCallback):
         self._added = []  # the writers this fit added, removed when it ends
         self._autosized = float("-inf")
         self._throttle = Throttle(self.max_per_s, self.clock) if hasattr(self, "max_per_s") else None
-        # Drawing budget: real seconds spent drawing this fit, since when, and the next time a draw may start.
+        # Drawing budget: CPU seconds spent drawing this fit, since when (wall-clock), and when a draw may start.
         self._busy_s, self._t_start, self._next_t = 0.0, 0.0, float("-inf")
         self._busy_t = self._due = float("-inf")
         self._max_draw_s = 0.0
@@ -297,21 +297,24 @@ class Dashboard(EffilabCallback):
             self._next_t = max(self._next_t, self._throttle.last + self._throttle.interval)
             return
         self._seen = t.version
-        t0, rebuilds = time.perf_counter(), self.n_rebuilds
+        # The draw's CPU time, not its wall-clock: on a shared machine a draw that waits while another
+        # process has the CPU took nothing from training, and charging the wait held draws back for seconds.
+        t0, rebuilds = time.thread_time(), self.n_rebuilds
         self._guard("updating the live dashboard", self._redraw, t, force)
         self._spent(t0, counted=self.n_rebuilds == rebuilds)
 
     def _spent(self, t0: float, counted: bool = True) -> None:
-        """Count a draw that started at `t0` against the budget; the next may start once the drawing time
-        is back within `budget` of the fit's time (and, by `max_per_s`, not before the throttle allows).
+        """Count a draw that started at thread CPU time `t0` against the budget; the next may start once the
+        CPU time spent drawing is back within `budget` of the fit's wall-clock time (and, by `max_per_s`, not
+        before the throttle allows).
 
         A draw that rebuilt the layout (a panel appeared: a few times per fit, like opening the widget) is
         not `counted`: at 1% a 0.1-s rebuild would hold back every draw for the next 10 s."""
-        now = time.perf_counter()
-        self._busy_s += (now - t0) if counted else 0.0
-        self._max_draw_s = max(self._max_draw_s, now - t0)
+        cpu = time.thread_time() - t0
+        self._busy_s += cpu if counted else 0.0
+        self._max_draw_s = max(self._max_draw_s, cpu)
         if self.budget > 0:
-            wait = self._t_start + self._busy_s / self.budget - now  # real seconds until within budget
+            wait = self._t_start + self._busy_s / self.budget - time.perf_counter()  # seconds until within budget
             self._next_t = self.clock() + max(0.0, wait)
         self._schedule()
 
