@@ -48,6 +48,12 @@ def progress_of(learn: Learner) -> float:
     return float(getattr(learn, "pct_train", 0.0))
 
 
+def _extra_pass_samples(learn) -> int:
+    """Samples given an extra forward + backward so far by the Learner's callbacks (`extra_pass_samples`, a
+    host count: SAM's second pass)."""
+    return sum(getattr(cb, "extra_pass_samples", 0) for cb in learn.cbs)
+
+
 class Budget(EffilabCallback):
     """Budget: train for an amount of one resource; p = spent / budget is fastai's `pct_train`.
 
@@ -56,12 +62,14 @@ class Budget(EffilabCallback):
     after every callback reshaped it: InfoBatch's shorter epochs, a batch-size schedule, Selective
     Backprop's forward), `"tokens"` (elements of the first input, e.g. a `(batch, seq_len)` token tensor,
     after sequence-length warm-up), `"flops"` (forward + backward FLOPs of the model, counted with
-    `torch.utils.flop_counter.FlopCounterMode` on the meta device, again whenever the batch shape changes)
-    or `"seconds"` (wall-clock training time). Before each step it sets `learn.pct_train = p`, so
-    `fit_one_cycle`, `fit_flat_cos`, any `ParamScheduler` and effilab's schedules run over the budget, not
-    over the epochs; when p reaches 1 the fit stops after that step: the epoch's training ends there, that
-    epoch is validated and recorded as usual, and the fit ends (the Learner is usable, `learn.validate()`
-    works). Pass `fit` an upper bound on the epochs (`epochs_for_budget`, or `learn.fit_budget`).
+    `torch.utils.flop_counter.FlopCounterMode` on the meta device, again whenever the batch shape or the
+    trainable parameters change; a second forward + backward a technique makes in the step, SAM's and
+    LookSAM's, is charged too) or `"seconds"` (wall-clock training time). Before each step it sets
+    `learn.pct_train = p`, so `fit_one_cycle`, `fit_flat_cos`, any `ParamScheduler` and effilab's schedules
+    run over the budget, not over the epochs; when p reaches 1 the fit stops after that step: the epoch's
+    training ends there, that epoch is validated and recorded as usual, and the fit ends (the Learner is
+    usable, `learn.validate()` works). Pass `fit` an upper bound on the epochs (`epochs_for_budget`, or
+    `learn.fit_budget`).
 
     **Wall-clock budgets** (`"seconds"`, clock `time.perf_counter` unless `clock=` is given) charge the
     time from the start of each epoch's training to the end of each step, less the fit's first step
@@ -117,6 +125,7 @@ class Budget(EffilabCallback):
         self._fitting = False  # a fit is training (not validate(), not lr_find)
         self._stop = False
         self._flops = StepFlops()
+        self._extra0 = 0  # extra-pass samples before the current step
         self._reset_times()
 
     # -- readable
@@ -215,6 +224,7 @@ class Budget(EffilabCallback):
             self._cost = self._flops(get_model(self.learn.model), xb)
             if self._cost is None:
                 raise RuntimeError(self._flops.failed)
+            self._extra0 = _extra_pass_samples(self.learn)
 
     def after_cancel_step(self):
         self._stepped = None  # fastai fires after_step after a cancelled step too
@@ -234,6 +244,8 @@ class Budget(EffilabCallback):
             cost = 0.0 if self._first_step else dt
         else:
             cost = float(self._cost)
+            if self.unit == "flops":  # the step's extra passes, at the step's FLOPs per sample
+                cost *= 1 + (_extra_pass_samples(self.learn) - self._extra0) / max(1, find_bs(self.learn.xb))
         if self._first_step:
             self.warmup_s += dt
         else:

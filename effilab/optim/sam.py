@@ -30,6 +30,11 @@ class _SharpnessAware(EffilabCallback):
         self._extra_forward = self._extra_samples = 0  # host counts, known from the schedule
         self._clear()
 
+    @property
+    def extra_pass_samples(self) -> int:
+        """Samples given the second forward + backward so far: a FLOP budget charges them."""
+        return self._extra_samples
+
     def _clear(self):
         self._trainable, self._bn_stats, self._pending, self._autocast = [], [], [], ()
         self._accumulate = None

@@ -153,6 +153,19 @@ def test_flops_are_measured_again_when_the_batch_shape_changes():
     assert budget.spent == 4 * full + 3 * small and len(budget._flops) == 2
 
 
+def test_a_flops_budget_charges_sams_second_pass():
+    from effilab import SAM
+
+    spy = Spy()
+    learn = make_learner([SAM(rho=0.05), spy])  # 16 steps of 32 per epoch
+    full = step_flops(get_model(learn.model), (torch.zeros(32, 12),))
+    budget = Budget(20 * full, "flops")
+    learn.add_cb(budget)
+    learn.fit(3, 1e-3)
+    # Each step is two forward + backward passes: the budget ends after 10 steps, not 20.
+    assert spy.steps == 10 and budget.spent == 20 * full
+
+
 def test_seconds_budget_ends_on_time_with_the_schedule_finished():
     clock = FakeClock()
     costs = [5.0] + [0.2] * 20 + [0.5] * 1000  # a slow first step (compile), then a slowdown
