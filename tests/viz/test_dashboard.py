@@ -339,22 +339,32 @@ def test_dashboard_notebook_headless(tmp_path, monkeypatch):
     assert (tmp_path / "dashboard_report.html").stat().st_size > 1_000_000  # plotly.js embedded
 
 
-def test_live_drawing_stays_within_its_budget(monkeypatch):
+def _live_with_slow_draws(monkeypatch, budget: float, delay) -> tuple:
+    """A Learner whose telemetry changes every step and a live Dashboard whose every draw runs `delay()`
+    first."""
     pytest.importorskip("anywidget")
-    import time
-
     learn = make_learner([FitRecorder(every=1, max_per_s=1e9)], n=4 * N, bs=BS)
-    dash = Dashboard(mode="live", max_per_s=0.0, budget=0.05)
+    dash = Dashboard(mode="live", max_per_s=0.0, budget=budget)
     learn.add_cb(dash)
     redraw = Dashboard._redraw
 
-    def slow_redraw(self, *a, **k):  # a draw that costs as much CPU as several training steps
-        t0 = time.thread_time()
-        while time.thread_time() - t0 < 0.02:
-            pass
+    def slow_redraw(self, *a, **k):
+        delay()
         return redraw(self, *a, **k)
 
     monkeypatch.setattr(Dashboard, "_redraw", slow_redraw)
+    return learn, dash
+
+
+def test_live_drawing_stays_within_its_budget(monkeypatch):
+    import time
+
+    def busy():  # a draw that costs as much CPU as several training steps
+        t0 = time.thread_time()
+        while time.thread_time() - t0 < 0.02:
+            pass
+
+    learn, dash = _live_with_slow_draws(monkeypatch, 0.05, busy)
     t0 = time.perf_counter()
     learn.fit(3, 1e-3)
     fit_s = time.perf_counter() - t0
@@ -369,19 +379,10 @@ def test_live_drawing_stays_within_its_budget(monkeypatch):
 
 
 def test_a_draw_is_charged_its_cpu_time_not_time_spent_waiting_for_the_cpu(monkeypatch):
-    pytest.importorskip("anywidget")
     import time
 
-    learn = make_learner([FitRecorder(every=1, max_per_s=1e9)], n=4 * N, bs=BS)
-    dash = Dashboard(mode="live", max_per_s=0.0, budget=0.02)
-    learn.add_cb(dash)
-    redraw = Dashboard._redraw
-
-    def preempted_redraw(self, *a, **k):  # another process had the CPU for 50 ms in the middle of a draw
-        time.sleep(0.05)
-        return redraw(self, *a, **k)
-
-    monkeypatch.setattr(Dashboard, "_redraw", preempted_redraw)
+    # Another process had the CPU for 50 ms in the middle of every draw.
+    learn, dash = _live_with_slow_draws(monkeypatch, 0.02, lambda: time.sleep(0.05))
     learn.fit(1, 1e-3)
     # Charged by wall-clock, 50 ms per draw against 2% of the fit would allow one draw in 2.5 s.
     assert dash.n_failures == 0 and dash.n_pushes >= 0.8 * (4 * N // BS), dash.n_pushes
