@@ -28,7 +28,7 @@ from fastai.callback.core import Callback, CancelFitException
 
 from ..callback import EffilabCallback
 from .recipes import Recipe, RunContext, budget_plan
-from .tasks import MODELS, TaskError
+from .tasks import MODELS, RESNET_STAGES, TaskError, model_needs_images
 
 __all__ = ["FORWARD_SHARE", "Fit", "SampleCounter", "Spend", "StopAtAccuracy", "check_device", "fit_one",
            "flops_of", "make_model", "num_threads", "spend_of"]
@@ -262,30 +262,26 @@ def num_threads(n: int | None):
         torch.set_num_threads(before)
 
 
-def _cnn_needs_images(task) -> str:
-    return (f"model 'cnn' needs image inputs (channels, height, width); task {task.name!r} has inputs of "
-            f"shape {tuple(task.input_shape)}: use --model mlp or small")
-
-
 def make_model(task, model: str = "small", width: int | None = None) -> torch.nn.Module:
     """`small`: `effilab.datasets.small_model(task, width)`; `mlp`: its MLP on flattened inputs (images
-    too); `cnn`: its CNN (image tasks only)."""
+    too); `cnn`: its CNN (image tasks only); `resnet`: `resnet_small(task, width or 16, RESNET_STAGES)` (image
+    tasks only)."""
     from types import SimpleNamespace
 
-    from ..datasets import small_model
+    from ..datasets import resnet_small, small_model
 
     shape = tuple(task.input_shape)
-    if model == "small":
-        return small_model(task, width)
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; models: {', '.join(MODELS)}")
+    why = model_needs_images(model, task)
+    if why is not None:
+        raise TaskError(why)
     if model == "mlp":
         flat = SimpleNamespace(input_shape=(int(np.prod(shape)),), n_classes=task.n_classes)
         return small_model(flat, width)
-    if model == "cnn":
-        if len(shape) != 3:
-            raise ValueError(_cnn_needs_images(task))
-        return small_model(task, width)
-    raise ValueError(f"unknown model {model!r}; models: {', '.join(MODELS)}")
-
+    if model == "resnet":
+        return resnet_small(task, width or 16, RESNET_STAGES)
+    return small_model(task, width)
 
 
 def check_device(spec) -> torch.device:
@@ -399,17 +395,27 @@ def work_of(learner_samples: int, telemetry: Mapping) -> float:
     return passes * _size_fraction(telemetry)
 
 
+def _skipped_flops(telemetry: Mapping) -> float:
+    """Training FLOPs that techniques skipped inside the model's forward and backward (stochastic depth's dropped
+    blocks: stream "epoch", `flops_skipped`), summed over every source and epoch. The counter counts the whole
+    model once per batch shape; what changes from step to step at random is reported by the technique."""
+    return sum(float(r.get("flops_skipped") or 0) for streams in telemetry.get("records", {}).values()
+               for r in streams.get("epoch", []))
+
+
 def flops_of(learner_flops: float | None, learner_samples: int, telemetry: Mapping) -> float | None:
     """Training FLOPs: those counted on the Learner's training batches (at their real size), plus a
     technique's forward-only pass (`FORWARD_SHARE`) and extra forward+backward passes (SAM's) as their
-    telemetry reports them, each at the run's mean FLOPs per forwarded sample. None: not counted."""
+    telemetry reports them, each at the run's mean FLOPs per forwarded sample, less the FLOPs techniques
+    report skipped (`flops_skipped`: blocks that stochastic depth did not compute). None: not counted."""
     if learner_flops is None or not learner_samples:
         return None
     per_sample = learner_flops / learner_samples
     forward_only = _forwarded(telemetry) or 0
     if forward_only <= learner_samples:
         forward_only = 0
-    return float(learner_flops + per_sample * (FORWARD_SHARE * forward_only + _extra_passes(telemetry)))
+    extra = per_sample * (FORWARD_SHARE * forward_only + _extra_passes(telemetry))
+    return float(max(learner_flops + extra - _skipped_flops(telemetry), 0.0))
 
 
 def spend_of(counter: SampleCounter, telemetry: Mapping, full_samples: int, wall_s: float, cpu_s: float,

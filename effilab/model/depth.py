@@ -82,9 +82,13 @@ class StochasticDepth(EffilabCallback):
     def keep_probs(self, n_blocks: int, progress: float) -> list[float]:
         return linear_decay_keep(n_blocks, self.final_keep)
 
+    def check_model(self, model) -> None:
+        """A clear error (`NotResidualError`) for a model without residual blocks, before any work."""
+        require_residual_blocks(model, type(self).__name__)
+
     def before_fit(self):
         model = get_model(self.learn.model)
-        require_residual_blocks(model, type(self).__name__)  # a clear error before any work
+        self.check_model(model)
         if hasattr(self.learn, "lr_finder"):
             return
         first = next(cb for cb in self.learn.cbs.sorted("order") if isinstance(cb, StochasticDepth))

@@ -123,12 +123,16 @@ class ModelGrowth(EffilabCallback):
             self.done += 1
         rebuild_optimizer(self.learn)
 
+    def check_model(self, model) -> None:
+        """A clear error (`NotResidualError`) for a model without residual blocks, before any work."""
+        require_residual_blocks(model, type(self).__name__)
+
     def before_fit(self):
         self._active = self._trained = False
         if isinstance(self.learn.model, DistributedDataParallel):
             raise RuntimeError("ModelGrowth does not run under DDP: the DDP wrapper would have to be rebuilt around "
                                "the grown model. Grow in a single-process run.")
-        require_residual_blocks(self.model, "ModelGrowth")
+        self.check_model(self.model)
         fp8 = [cb for cb in self.learn.cbs if type(cb).__name__ == "FP8Training"]
         if fp8:
             raise ValueError(f"{type(self).__name__} cannot train beside FP8Training on the same Learner: FP8Training "
