@@ -511,8 +511,9 @@ def fit_one(task, recipe: Recipe, ctx: RunContext, device: torch.device, model: 
             learn.fit_one_cycle(ctx.epochs if plan is None else plan.epochs, ctx.lr)
             if distributed:  # each rank forwarded its shard; the techniques' telemetry counts whole plans
                 counter.forwarded = _sum_over_ranks(counter.forwarded)
-                if counter.flops is not None:
-                    counter.flops = _sum_over_ranks(counter.flops)
+                if counter.flops is not None:  # less what this rank's techniques skipped, which `flops_of`
+                    skipped = round(_skipped_flops(telemetry_of(learn).to_dict()))  # subtracts from the sum
+                    counter.flops = _sum_over_ranks(counter.flops - skipped) + skipped
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start

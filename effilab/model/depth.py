@@ -53,8 +53,12 @@ class StochasticDepth(EffilabCallback):
     **Interactions.** One depth-dropping callback per Learner: with several (`StochasticDepth`,
     `ProgressiveLayerDrop`), the first by order and position drops and the others warn and do nothing.
     Finds the blocks again each step, so it follows model growth. With BatchNorm inside a
-    branch, sample mode normalises over the kept samples only. Under DDP, block mode leaves the skipped
-    blocks' parameters without gradients: wrap the model with `find_unused_parameters=True`.
+    branch, sample mode normalises over the kept samples only. Under DDP (`effilab.system.distrib_ctx`,
+    `effilab bench --nproc`): every rank draws the same blocks (the generator is seeded by the seed and the step,
+    and each rank takes the same number of steps), and the dropped blocks' parameters get no gradient on any
+    rank; `distrib_ctx` wraps the model with `find_unused_parameters=True` for this callback (a plain
+    `DistributedDataParallel` without it fails at the next step). Give every rank the same `seed` (the bench
+    gives the run's).
 
     **Interrupted fits.** `after_cancel_fit` removes the hooks; after an exception (Ctrl-C), for which fastai
     runs no event, they stay inert in eval mode and are removed by the next `fit` or `validate`.
@@ -67,6 +71,7 @@ class StochasticDepth(EffilabCallback):
 
     order = 5  # after a growth callback (-5) so that a grown model is dropped from
     telemetry_name = "stochastic_depth"
+    leaves_parameters_unused = True  # a dropped block has no gradient: `distrib_ctx` tells DDP so
 
     def __init__(self, final_keep: float = 0.5, mode: str = "block", seed: int = 0, log_steps: bool = True):
         self.final_keep = _check_prob(final_keep, "final_keep")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from effilab import bench
 from effilab.bench.fit import make_model
@@ -86,3 +87,21 @@ def test_residual_techniques_train_on_images_through_the_bench(images):
     matched = runs["baseline@stochastic_depth+rezero"]
     assert matched.params["budget"]["unit"] == "flops" and matched.params["budget"]["amount"] == sd.flops
     assert sd.telemetry["meta"]["residual_gates"]["gates"] == sum(RESNET_STAGES)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_stochastic_depth_trains_under_ddp_with_the_same_blocks_on_every_rank():
+    """2 processes at batch 32 drop the blocks 1 process at batch 64 drops: the draws depend on the seed and the
+    step only, so the FLOPs skipped, summed over the ranks, are the single process's; DDP is told about the
+    dropped blocks' unused parameters (without it the second step fails)."""
+    runs = {}
+    for nproc, bs in ((1, 64), (2, 32)):
+        c = bench.run("digits", ["stochastic_depth(final_keep=0.3)"], epochs=1, bs=bs, model="resnet", width=8,
+                      progress=None, nproc=nproc)
+        assert not c.failures, c.failures[0].message[-3000:]
+        runs[nproc] = c.results[0]
+    ran = runs[2].telemetry["records"]["stochastic_depth"]["epoch"][-1]["ran_blocks"]
+    assert min(ran) < runs[2].steps  # some block was dropped in some step, and training went on
+    assert runs[1].steps == runs[2].steps
+    assert runs[2].flops == pytest.approx(runs[1].flops, rel=1e-9)
