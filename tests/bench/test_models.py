@@ -105,3 +105,19 @@ def test_stochastic_depth_trains_under_ddp_with_the_same_blocks_on_every_rank():
     assert min(ran) < runs[2].steps  # some block was dropped in some step, and training went on
     assert runs[1].steps == runs[2].steps
     assert runs[2].flops == pytest.approx(runs[1].flops, rel=1e-9)
+
+
+def test_training_flops_of_activation_checkpointing_count_the_recompute(images):
+    """The meta-device count keeps the meta parameters through the backward, where checkpointing recomputes its
+    blocks' forwards (it used to fail there, leaving the run's FLOPs unknown)."""
+    from effilab.core.budget import step_flops
+    from effilab.core.checkpointing import wrap_forward
+
+    net = make_model(images, "resnet", width=8)
+    x = torch.zeros(4, *images.input_shape)
+    plain = step_flops(net, [x])
+    for block in residual_blocks(net):
+        wrap_forward(block)
+    recomputed = step_flops(net, [x])
+    assert plain < recomputed < 2 * plain  # one more forward of the blocks: about a third more
+    assert all(p.device.type == "cpu" for p in net.parameters())
