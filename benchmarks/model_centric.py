@@ -125,6 +125,8 @@ class ActivationBytes(EffilabCallback):
         seen, total = set(), [0]
 
         def pack(t):
+            if t.device.type == "meta":  # a FLOP count inside the step (a FLOP budget's), not the step's own
+                return t
             key = (t.untyped_storage().data_ptr(), t.dtype, tuple(t.shape))
             if key not in seen:
                 seen.add(key)
@@ -318,7 +320,8 @@ def technique_notes(data: dict) -> list[str]:
         if s["seed"] == data["config"]["seeds"][0]:
             notes.append(f"{s['recipe']}: not run: {s['reason']}")
     for f in data.get("failures", []):
-        notes.append(f"failed: {f['recipe']} (seed {f['seed']}): {f.get('error_type')}: {f.get('message', '')[:300]}")
+        error = " ".join(f.get("error", "").split())[:400]
+        notes.append(f"failed: {f['recipe']} (seed {f['seed']}): {f.get('error_type')}: {error}")
     return notes
 
 

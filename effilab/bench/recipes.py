@@ -782,6 +782,8 @@ def budget_plan(recipe: Recipe, ctx: RunContext, min_fraction: float = 0.5) -> B
     if recipe.name == REFERENCE:
         return None
     if recipe.matches:
+        if recipe.matches not in ctx.peers:  # the technique's run failed (FP8 refused on a CPU): nothing to match
+            raise NothingToMatch(f"{recipe.matches} did not finish with seed {ctx.seed}: no spend to match")
         run = _peer(ctx, recipe.matches, f"the budget-matched baseline {recipe.name!r}")
         base = _peer(ctx, REFERENCE, f"the budget-matched baseline {recipe.name!r}")
         unit = saved_unit(run, base, mode)
