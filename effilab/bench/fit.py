@@ -395,19 +395,21 @@ def work_of(learner_samples: int, telemetry: Mapping) -> float:
     return passes * _size_fraction(telemetry)
 
 
-def _skipped_flops(telemetry: Mapping) -> float:
-    """Training FLOPs that techniques skipped inside the model's forward and backward (stochastic depth's dropped
-    blocks: stream "epoch", `flops_skipped`), summed over every source and epoch. The counter counts the whole
-    model once per batch shape; what changes from step to step at random is reported by the technique."""
-    return sum(float(r.get("flops_skipped") or 0) for streams in telemetry.get("records", {}).values()
-               for r in streams.get("epoch", []))
+def _technique_flops(telemetry: Mapping) -> float:
+    """Training FLOPs that techniques report the counter cannot see (stream "epoch", summed over every source
+    and epoch): `flops_added` (computed outside the step the counter counts: layer freezing filling its cache
+    with the frozen prefix's outputs) less `flops_skipped` (not computed inside it: stochastic depth's dropped
+    blocks; the counter counts the whole model once per batch shape, what changes from step to step at random
+    the technique reports)."""
+    return sum(float(r.get("flops_added") or 0) - float(r.get("flops_skipped") or 0)
+               for streams in telemetry.get("records", {}).values() for r in streams.get("epoch", []))
 
 
 def flops_of(learner_flops: float | None, learner_samples: int, telemetry: Mapping) -> float | None:
     """Training FLOPs: those counted on the Learner's training batches (at their real size), plus a
     technique's forward-only pass (`FORWARD_SHARE`) and extra forward+backward passes (SAM's) as their
-    telemetry reports them, each at the run's mean FLOPs per forwarded sample, less the FLOPs techniques
-    report skipped (`flops_skipped`: blocks that stochastic depth did not compute). None: not counted."""
+    telemetry reports them, each at the run's mean FLOPs per forwarded sample, with the FLOPs techniques report
+    outside the counted step (`flops_added`, `flops_skipped`: see `_technique_flops`). None: not counted."""
     if learner_flops is None or not learner_samples:
         return None
     per_sample = learner_flops / learner_samples
@@ -415,7 +417,7 @@ def flops_of(learner_flops: float | None, learner_samples: int, telemetry: Mappi
     if forward_only <= learner_samples:
         forward_only = 0
     extra = per_sample * (FORWARD_SHARE * forward_only + _extra_passes(telemetry))
-    return float(max(learner_flops + extra - _skipped_flops(telemetry), 0.0))
+    return float(max(learner_flops + extra + _technique_flops(telemetry), 0.0))
 
 
 def spend_of(counter: SampleCounter, telemetry: Mapping, full_samples: int, wall_s: float, cpu_s: float,
@@ -511,9 +513,9 @@ def fit_one(task, recipe: Recipe, ctx: RunContext, device: torch.device, model: 
             learn.fit_one_cycle(ctx.epochs if plan is None else plan.epochs, ctx.lr)
             if distributed:  # each rank forwarded its shard; the techniques' telemetry counts whole plans
                 counter.forwarded = _sum_over_ranks(counter.forwarded)
-                if counter.flops is not None:  # less what this rank's techniques skipped, which `flops_of`
-                    skipped = round(_skipped_flops(telemetry_of(learn).to_dict()))  # subtracts from the sum
-                    counter.flops = _sum_over_ranks(counter.flops - skipped) + skipped
+                if counter.flops is not None:  # with what this rank's techniques report, which `flops_of`
+                    own = round(_technique_flops(telemetry_of(learn).to_dict()))  # then adds to the sum once
+                    counter.flops = _sum_over_ranks(counter.flops + own) - own
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start

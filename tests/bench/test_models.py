@@ -121,3 +121,23 @@ def test_training_flops_of_activation_checkpointing_count_the_recompute(images):
     recomputed = step_flops(net, [x])
     assert plain < recomputed < 2 * plain  # one more forward of the blocks: about a third more
     assert all(p.device.type == "cpu" for p in net.parameters())
+
+
+def test_training_flops_of_the_freezing_cache_count_its_fills(images):
+    """Filling the cache runs the frozen prefix outside the step the bench counts (the step runs the suffix on the
+    stored outputs): the technique reports it (`flops_added`), so the cache saves FLOPs only where it re-reads."""
+    args = "start=0.05, end=0.3"
+    c = bench.run(images, [f"layer_freezing({args})", f"layer_freezing({args}, cache=True)"], epochs=4, bs=64,
+                  model="cnn", width=8, progress=None)
+    plain, cached = c.results
+    epochs = cached.telemetry["records"]["freezing"]["epoch"]
+    added = sum(e["flops_added"] for e in epochs)
+    assert added > 0 and sum(e["prefix_samples_skipped"] for e in epochs) > 0
+    counted = cached.telemetry["records"]["counter"]["epoch"][-1]["flops_total"]
+    assert cached.flops == pytest.approx(counted + added, rel=1e-9)
+    assert cached.flops < plain.flops
+    # an epoch that filled the whole cache and re-read nothing costs what it costs without the cache
+    fills = [i for i, e in enumerate(epochs) if e["flops_added"] and not e["prefix_samples_skipped"]]
+    for i in fills:
+        assert c.results[1].telemetry["records"]["counter"]["epoch"][i]["flops"] + epochs[i]["flops_added"] == \
+            pytest.approx(plain.telemetry["records"]["counter"]["epoch"][i]["flops"], rel=1e-9)
