@@ -52,6 +52,11 @@ class LayerFreezing(RestoringCallback):
     step). With the defaults (start 0.5, six layers freezing evenly over the second half) a fit's training
     FLOPs fall by about 19%, the step time by less (the forward and the data pipeline stay). It may cost
     accuracy: compare with the budget-matched baseline. Memory: frozen layers keep no activations for backward.
+    Measured (`benchmarks/model_centric.py`, 10k Fashion-MNIST images, 3 epochs, 3 seeds): 81% of the training
+    FLOPs, 85% of the CPU time, -0.31 points at equal epochs and +0.20 (p = 0.055, within run-to-run noise)
+    against the plain recipe given the same FLOPs. With the defaults the cache saves little: the prefix grows
+    until the end and each new depth empties it, so it served 637 sample-forwards in that fit (FLOPs 81.2% vs
+    81.3%) for +115 MiB of memory; it pays when the prefix stops growing early (`end` < 1, `max_frozen`).
 
     **Interactions.** Order -6: before `Compile` (order -4), which resets its compile cache when the set of
     trainable parameters changes (pytorch#139476: a compiled frame reused across a requires_grad change can
