@@ -92,11 +92,12 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--lr", type=float, default=None,
                    help=f"peak learning rate of fit_one_cycle (default {mn['lr']})")
     b.add_argument("--model", choices=MODELS, default=None,
-                   help="small: effilab.datasets.small_model (an MLP for flat inputs, a CNN for images; "
-                        "default); mlp: the MLP on flattened inputs; cnn: the CNN")
+                   help="small: effilab.datasets.small_model (an MLP for flat inputs, a CNN for images, a "
+                        "transformer of residual blocks for pysource; default); mlp: the MLP on flattened inputs; "
+                        "cnn: the CNN; resnet: a residual CNN (images; for stochastic depth, gates, Fixup, growth)")
     b.add_argument("--width", type=int, default=None,
-                   help="the model's width: MLP hidden size (default 256) or first conv's channels "
-                        "(default 32)")
+                   help="the model's width: MLP hidden size (default 256), first conv's channels (default 32; "
+                        "resnet 16) or the transformer's width (default 128)")
     b.add_argument("--fraction", type=float, default=None,
                    help=f"random-prune's fraction when there is no InfoBatch recipe to match (default "
                         f"{DEFAULT_FRACTION})")

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import import_module
 
-__all__ = ["TASK_KINDS", "Technique", "TECHNIQUES", "all_techniques", "register"]
+__all__ = ["INPUT_KINDS", "TASK_KINDS", "Technique", "TECHNIQUES", "all_techniques", "register"]
 
 # The category packages whose import registers their techniques.
 _CATEGORIES = ("effilab.data", "effilab.model", "effilab.optim", "effilab.budget", "effilab.system",
@@ -32,12 +32,14 @@ class Technique:
     task: str = "tabular"
     conflicts: tuple[str, ...] = ()
     keeps_model_changes: bool = False
+    inputs: tuple[str, ...] = ()
 
     def conflicts_with(self, other: Technique) -> bool:
         return other.name in self.conflicts or self.name in other.conflicts
 
 
 TASK_KINDS = ("tabular", "image", "sequence")
+INPUT_KINDS = ("flat", "image", "sequence")
 TECHNIQUES: dict[str, Technique] = {}
 
 
@@ -46,7 +48,7 @@ def _origin(make: Callable) -> tuple:
 
 
 def register(name: str, make: Callable, category: str, stateful: bool = False, task: str = "tabular",
-             conflicts: tuple[str, ...] = (), keeps_model_changes: bool = False) -> None:
+             conflicts: tuple[str, ...] = (), keeps_model_changes: bool = False, inputs: tuple[str, ...] = ()) -> None:
     # Re-importing the registering module (`importlib.reload`, `%autoreload`) makes a new `make` of the same
     # origin: it replaces the old one. Another module claiming the name is an error.
     if name in TECHNIQUES and _origin(TECHNIQUES[name].make) != _origin(make):
@@ -57,7 +59,10 @@ def register(name: str, make: Callable, category: str, stateful: bool = False, t
         raise ValueError(f"technique {name!r}: task must be one of {TASK_KINDS}, got {task!r}")
     if isinstance(conflicts, str) or not all(isinstance(c, str) for c in conflicts):
         raise TypeError(f"technique {name!r}: conflicts must be a tuple of technique names, got {conflicts!r}")
-    TECHNIQUES[name] = Technique(name, make, category, stateful, task, tuple(conflicts), bool(keeps_model_changes))
+    if isinstance(inputs, str) or not all(i in INPUT_KINDS for i in inputs):
+        raise ValueError(f"technique {name!r}: inputs must be a tuple of {INPUT_KINDS}, got {inputs!r}")
+    TECHNIQUES[name] = Technique(name, make, category, stateful, task, tuple(conflicts), bool(keeps_model_changes),
+                                 tuple(inputs))
 
 
 def all_techniques() -> dict[str, Technique]:

@@ -25,7 +25,7 @@ from typing import Any
 
 from . import store as S
 from .distributed import check_nproc, fit_distributed
-from .fit import check_device, fit_one, num_threads
+from .fit import check_device, fit_one, make_model, num_threads
 from .recipes import (
     DEFAULT_RECIPES,
     NothingToMatch,
@@ -35,6 +35,7 @@ from .recipes import (
     budget_plan,
     check_budget_unit,
     check_budgets,
+    check_fits_model,
     check_fits_task,
     get_recipe,
     resolve_campaign,
@@ -42,7 +43,7 @@ from .recipes import (
 )
 from .store import RunFailure, RunResult
 from .table import format_table, html_table, summarize
-from .tasks import MODELS, TaskError, load_task
+from .tasks import MODELS, TaskError, load_task, model_needs_images
 
 __all__ = ["Campaign", "CampaignInterrupted", "run"]
 
@@ -333,9 +334,9 @@ def _check_settings(seeds, epochs, bs, lr, target_acc, model, threads, width) ->
 
 
 def _check_task(task, bs: int, model: str) -> None:
-    if model == "cnn" and len(task.input_shape) != 3:  # fails now rather than in every run
-        raise TaskError(f"model 'cnn' needs image inputs (channels, height, width); task {task.name!r} has "
-                        f"inputs of shape {tuple(task.input_shape)}: use --model mlp or small")
+    why = model_needs_images(model, task)
+    if why is not None:  # fails now rather than in every run
+        raise TaskError(why)
     if len(task.train) < bs:  # drop_last: not one batch, no sample forwarded
         raise TaskError(f"task {task.name!r} has {len(task.train)} training samples, fewer than one batch "
                         f"(bs={bs}): no sample would be trained on. Use more samples (--n-samples) or a "
@@ -439,6 +440,10 @@ def run(task="mnist1d", recipes: Iterable[str | Recipe | Mapping] = DEFAULT_RECI
         task = load_task(task_spec, **kwargs)  # before the folder is made: missing data leaves nothing behind
     _check_task(task, bs, model)
     check_fits_task(recipe_objs, task)
+    import torch
+
+    with torch.random.fork_rng(devices=[]):  # one model as the runs build it, for the techniques' checks
+        check_fits_model(recipe_objs, make_model(task, model, width), model, task)
     check_budgets(recipe_objs, budget, epochs, len(task.train), bs)
     if out is not None:
         S.prepare_out_dir(out)  # the last check: made and writable, or a clear error before any training

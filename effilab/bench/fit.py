@@ -29,7 +29,7 @@ from fastai.callback.core import Callback, CancelFitException
 from ..callback import EffilabCallback
 from ..core.budget import StepFlops
 from .recipes import Recipe, RunContext, budget_plan
-from .tasks import MODELS, TaskError
+from .tasks import MODELS, RESNET_STAGES, TaskError, model_needs_images
 
 __all__ = ["FORWARD_SHARE", "Fit", "SampleCounter", "Spend", "StopAtAccuracy", "check_device", "fit_one",
            "flops_of", "make_model", "num_threads", "spend_of"]
@@ -253,30 +253,26 @@ def num_threads(n: int | None):
         torch.set_num_threads(before)
 
 
-def _cnn_needs_images(task) -> str:
-    return (f"model 'cnn' needs image inputs (channels, height, width); task {task.name!r} has inputs of "
-            f"shape {tuple(task.input_shape)}: use --model mlp or small")
-
-
 def make_model(task, model: str = "small", width: int | None = None) -> torch.nn.Module:
     """`small`: `effilab.datasets.small_model(task, width)`; `mlp`: its MLP on flattened inputs (images
-    too); `cnn`: its CNN (image tasks only)."""
+    too); `cnn`: its CNN (image tasks only); `resnet`: `resnet_small(task, width or 16, RESNET_STAGES)` (image
+    tasks only)."""
     from types import SimpleNamespace
 
-    from ..datasets import small_model
+    from ..datasets import resnet_small, small_model
 
     shape = tuple(task.input_shape)
-    if model == "small":
-        return small_model(task, width)
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; models: {', '.join(MODELS)}")
+    why = model_needs_images(model, task)
+    if why is not None:
+        raise TaskError(why)
     if model == "mlp":
         flat = SimpleNamespace(input_shape=(int(np.prod(shape)),), n_classes=task.n_classes)
         return small_model(flat, width)
-    if model == "cnn":
-        if len(shape) != 3:
-            raise ValueError(_cnn_needs_images(task))
-        return small_model(task, width)
-    raise ValueError(f"unknown model {model!r}; models: {', '.join(MODELS)}")
-
+    if model == "resnet":
+        return resnet_small(task, width or 16, RESNET_STAGES)
+    return small_model(task, width)
 
 
 def check_device(spec) -> torch.device:
@@ -390,17 +386,29 @@ def work_of(learner_samples: int, telemetry: Mapping) -> float:
     return passes * _size_fraction(telemetry)
 
 
+def _technique_flops(telemetry: Mapping) -> float:
+    """Training FLOPs that techniques report the counter cannot see (stream "epoch", summed over every source
+    and epoch): `flops_added` (computed outside the step the counter counts: layer freezing filling its cache
+    with the frozen prefix's outputs) less `flops_skipped` (not computed inside it: stochastic depth's dropped
+    blocks; the counter counts the whole model once per batch shape, what changes from step to step at random
+    the technique reports)."""
+    return sum(float(r.get("flops_added") or 0) - float(r.get("flops_skipped") or 0)
+               for streams in telemetry.get("records", {}).values() for r in streams.get("epoch", []))
+
+
 def flops_of(learner_flops: float | None, learner_samples: int, telemetry: Mapping) -> float | None:
     """Training FLOPs: those counted on the Learner's training batches (at their real size), plus a
     technique's forward-only pass (`FORWARD_SHARE`) and extra forward+backward passes (SAM's) as their
-    telemetry reports them, each at the run's mean FLOPs per forwarded sample. None: not counted."""
+    telemetry reports them, each at the run's mean FLOPs per forwarded sample, with the FLOPs techniques report
+    outside the counted step (`flops_added`, `flops_skipped`: see `_technique_flops`). None: not counted."""
     if learner_flops is None or not learner_samples:
         return None
     per_sample = learner_flops / learner_samples
     forward_only = _forwarded(telemetry) or 0
     if forward_only <= learner_samples:
         forward_only = 0
-    return float(learner_flops + per_sample * (FORWARD_SHARE * forward_only + _extra_passes(telemetry)))
+    extra = per_sample * (FORWARD_SHARE * forward_only + _extra_passes(telemetry))
+    return float(max(learner_flops + extra + _technique_flops(telemetry), 0.0))
 
 
 def spend_of(counter: SampleCounter, telemetry: Mapping, full_samples: int, wall_s: float, cpu_s: float,
@@ -496,8 +504,9 @@ def fit_one(task, recipe: Recipe, ctx: RunContext, device: torch.device, model: 
             learn.fit_one_cycle(ctx.epochs if plan is None else plan.epochs, ctx.lr)
             if distributed:  # each rank forwarded its shard; the techniques' telemetry counts whole plans
                 counter.forwarded = _sum_over_ranks(counter.forwarded)
-                if counter.flops is not None:
-                    counter.flops = _sum_over_ranks(counter.flops)
+                if counter.flops is not None:  # with what this rank's techniques report, which `flops_of`
+                    own = round(_technique_flops(telemetry_of(learn).to_dict()))  # then adds to the sum once
+                    counter.flops = _sum_over_ranks(counter.flops + own) - own
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start

@@ -62,6 +62,7 @@ __all__ = [
     "register",
     "register_component",
     "check_campaign_value",
+    "check_fits_model",
     "check_fits_task",
     "input_kind",
     "resolve_campaign",
@@ -256,13 +257,10 @@ def components() -> dict[str, Component]:
         key = _key(name)
         if key not in COMPONENTS:
             COMPONENTS[key] = Component(key, _technique_target(tech), f"registered technique ({tech.category})",
-                                        tech.category, inputs=_TECHNIQUE_INPUTS.get(tech.task, ()))
+                                        tech.category, inputs=tech.inputs)
     return dict(COMPONENTS)
 
 
-# The registry's task kinds (what the generic suite trains a technique on) that restrict its inputs:
-# "tabular" techniques work on any input.
-_TECHNIQUE_INPUTS = {"image": ("image",), "sequence": ("sequence",)}
 _INPUT_NAMES = {"flat": "flat feature vectors", "image": "images", "sequence": "token sequences"}
 
 
@@ -285,6 +283,34 @@ def check_fits_task(recipes: Iterable[Recipe], task) -> None:
                 raise RecipeError(f"component {spec.name!r} in recipe {recipe.name!r} works on {fits}; task "
                                   f"{task.name!r} has {_INPUT_NAMES[kind]}: choose a task with {fits} "
                                   "(--task) or leave the component out")
+
+
+def _model_fix(error: Exception, kind: str) -> str:
+    """How to give a technique the model it needs, in the bench's terms."""
+    if type(error).__name__ != "NotResidualError":
+        return ""
+    return {"image": " In the bench: --model resnet (a residual CNN).",
+            "sequence": " In the bench: --model small (a transformer of residual blocks).",
+            "flat": " In the bench: an image task with --model resnet, or --task pysource."}[kind]
+
+
+def check_fits_model(recipes: Iterable[Recipe], model, model_name: str, task) -> None:
+    """A `RecipeError` naming the first component whose technique refuses the campaign's model (its callback's
+    `check_model(model)`: stochastic depth, residual gates or growth on a model without residual blocks), with
+    the option that fixes it, before any training. `model`: one model as the runs build it."""
+    kind = input_kind(task)
+    for recipe in recipes:
+        for spec in recipe.components:
+            cbs, _ = _find_component(spec.name, recipe.name).instantiate(None, spec.args)
+            for cb in cbs:
+                check = getattr(cb, "check_model", None)
+                if check is None:
+                    continue
+                try:
+                    check(model)
+                except Exception as e:
+                    raise RecipeError(f"component {spec} in recipe {recipe.name!r} cannot train model {model_name!r} "
+                                      f"on task {task.name!r}: {e}{_model_fix(e, kind)}") from None
 
 
 def _find_component(name: str, context: str = "") -> Component:
@@ -756,6 +782,8 @@ def budget_plan(recipe: Recipe, ctx: RunContext, min_fraction: float = 0.5) -> B
     if recipe.name == REFERENCE:
         return None
     if recipe.matches:
+        if recipe.matches not in ctx.peers:  # the technique's run failed (FP8 refused on a CPU): nothing to match
+            raise NothingToMatch(f"{recipe.matches} did not finish with seed {ctx.seed}: no spend to match")
         run = _peer(ctx, recipe.matches, f"the budget-matched baseline {recipe.name!r}")
         base = _peer(ctx, REFERENCE, f"the budget-matched baseline {recipe.name!r}")
         unit = saved_unit(run, base, mode)

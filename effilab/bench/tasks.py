@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MODELS", "QUICK", "TASK_DEFAULTS", "TASK_NAMES", "TaskError", "load_task", "parse_task",
-           "task_defaults", "task_kwargs"]
+__all__ = ["IMAGE_MODELS", "MODELS", "QUICK", "RESNET_STAGES", "TASK_DEFAULTS", "TASK_NAMES", "TaskError", "load_task",
+           "model_needs_images", "parse_task", "task_defaults", "task_kwargs"]
 
 # Per task: what a campaign uses when not told otherwise. MNIST-1D's setting is the main job's
 # (3 recipes x 3 seeds: a few minutes on a 2-core CPU): 36 epochs, where the baseline has converged
@@ -30,8 +30,15 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
 # `--quick`: a smoke test of the whole path (seconds of training), whatever the task.
 QUICK: dict[str, Any] = {"n_samples": 2_000, "epochs": 4, "bs": 64, "lr": 1e-2, "seeds": [0]}
 TASK_NAMES = ("mnist1d", "digits", "fashion-mnist", "mnist", "cifar10", "pysource")
-# `small`: effilab.datasets.small_model (an MLP for flat inputs, a CNN for images); `mlp` flattens images.
-MODELS = ("small", "mlp", "cnn")
+# `small`: effilab.datasets.small_model (an MLP for flat inputs, a CNN for images, a transformer for token
+# sequences); `mlp` flattens images; `cnn`: small_model's CNN (images only); `resnet`: a residual CNN (images only,
+# see `RESNET_STAGES`) for the techniques that need residual blocks (stochastic depth, gates, Fixup, growth).
+MODELS = ("small", "mlp", "cnn", "resnet")
+# `resnet` is `effilab.datasets.resnet_small(task, width, RESNET_STAGES)`: four blocks at full resolution, deep
+# enough for depth dropping, and one downsampling block; it is the model that growth's deepening reaches from
+# its two-block (1, 1) start, so growth can be compared with training the grown model throughout.
+RESNET_STAGES = (4, 1)
+IMAGE_MODELS = ("cnn", "resnet")
 # How many training samples `n_samples` means for each task.
 _SIZE_ARG = {"mnist1d": "n_samples", "fashion-mnist": "subset", "mnist": "subset", "cifar10": "subset"}
 # Loader arguments fixed per task: pysource reads 400 kB of source (about 5,600 training windows of 64
@@ -42,6 +49,17 @@ _FIXED_QUICK = {"pysource": {"seq_len": 64, "max_bytes": 60_000}}
 
 class TaskError(ValueError):
     """An unknown task or an option that does not apply to it."""
+
+
+def model_needs_images(model: str, task) -> str | None:
+    """Why `model` cannot train on `task` (None: it can): `cnn` and `resnet` need images (C, H, W)."""
+    shape = tuple(task.input_shape)
+    if model not in IMAGE_MODELS or len(shape) == 3:
+        return None
+    fix = ("--model small (pysource's is a transformer of residual blocks)"
+           if getattr(task, "kind", "") == "language_model" else "--model mlp or small, or an image task")
+    return (f"model {model!r} needs image inputs (channels, height, width); task {task.name!r} has inputs of "
+            f"shape {shape}: use {fix}")
 
 
 def _valid() -> str:

@@ -164,6 +164,18 @@ def _meta_like(t: torch.Tensor, requires_grad: bool = False) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device="meta", requires_grad=requires_grad)
 
 
+class _Call(nn.Module):
+    """`fn(*inputs)` as the forward of a module holding `model`, so that `functional_call` swaps the model's
+    parameters for the whole of `fn`."""
+
+    def __init__(self, model: nn.Module, fn):
+        super().__init__()
+        self.model, self.fn = model, fn
+
+    def forward(self, *inputs):
+        return self.fn(*inputs)
+
+
 def step_flops(model: nn.Module, inputs: Sequence[torch.Tensor]) -> int:
     """FLOPs of one training step's forward and backward of `model` on inputs of these shapes, counted by
     `FlopCounterMode` (matmuls, convolutions, attention; element-wise ops count 0) on the meta device: no
@@ -176,14 +188,21 @@ def step_flops(model: nn.Module, inputs: Sequence[torch.Tensor]) -> int:
     buffers = {k: _meta_like(b) for k, b in model.named_buffers()}
     meta_inputs = tuple(_meta_like(x) if isinstance(x, torch.Tensor) else x for x in inputs)
     trainable = [p for p in params.values() if p.requires_grad]
+
+    def forward_backward(*xs):
+        # the backward inside the functional call: activation checkpointing recomputes its blocks during the
+        # backward, which must still see the meta parameters
+        out = model(*xs)
+        leaves = [o for o in (out if isinstance(out, (tuple, list)) else (out,))
+                  if isinstance(o, torch.Tensor) and o.requires_grad]
+        if leaves and trainable:
+            torch.autograd.grad(sum(o.float().sum() for o in leaves), trainable, allow_unused=True)
+
     try:
         # meta-device dropout still draws from the CPU generator: leave the run's random stream alone
         with torch.random.fork_rng(devices=[]), FlopCounterMode(display=False) as counter:
-            out = functional_call(model, {**params, **buffers}, meta_inputs)
-            leaves = [o for o in (out if isinstance(out, (tuple, list)) else (out,))
-                      if isinstance(o, torch.Tensor) and o.requires_grad]
-            if leaves and trainable:
-                torch.autograd.grad(sum(o.float().sum() for o in leaves), trainable, allow_unused=True)
+            functional_call(_Call(model, forward_backward), {f"model.{k}": v for k, v in {**params, **buffers}.items()},
+                            meta_inputs)
     except Exception as e:
         raise RuntimeError(f"cannot count the FLOPs of {type(model).__name__} on the meta device ({e}); "
                            "use a samples, tokens or steps budget for this model") from e

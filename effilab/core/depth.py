@@ -165,7 +165,9 @@ class DepthDropper:
     # -- the blocks' forward during training
     def _forward(self, block: ResidualBlock, x: torch.Tensor) -> torch.Tensor:
         i = self._index.get(id(block))
-        if i is None or self.step < 0:  # a block this step does not know (e.g. a forward outside the fit)
+        # a block this step does not know (a forward outside the fit), or a FLOP count on the meta device (the
+        # bench's counter counts the whole model and subtracts the `flops_skipped` reported per epoch)
+        if i is None or self.step < 0 or x.is_meta:
             return block.shortcut(x) + block.scaled_branch(block.branch(x))
         keep, n = self.keep[i], x.shape[0]
         per_sample = self._flops(block, x)

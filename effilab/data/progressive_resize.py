@@ -83,4 +83,5 @@ def _progressive_resize_for_tests():
     return ProgressiveResize(start=0.5, finetune_frac=0.25, multiple=4)
 
 
-register("progressive_resize", _progressive_resize_for_tests, "data", stateful=False, task="image")
+register("progressive_resize", _progressive_resize_for_tests, "data", stateful=False, task="image",
+         inputs=("image",))

@@ -81,4 +81,5 @@ def _seq_len_warmup_for_tests():
     return SeqLenWarmup(start=8, warmup_frac=0.5, multiple=8)
 
 
-register("seq_len_warmup", _seq_len_warmup_for_tests, "data", stateful=False, task="sequence")
+register("seq_len_warmup", _seq_len_warmup_for_tests, "data", stateful=False, task="sequence",
+         inputs=("sequence",))

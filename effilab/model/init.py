@@ -39,6 +39,10 @@ class InitCallback(EffilabCallback):
     def check(self, model) -> None:
         """Raise a clear error before the fit does any work if the model does not suit."""
 
+    def check_model(self, model) -> None:
+        """`check`, under the name the bench calls on its model before any training."""
+        self.check(model)
+
     def apply(self) -> dict:
         raise NotImplementedError
 
@@ -273,4 +277,5 @@ register("rezero", lambda: ResidualGates(init=0.0), "model", stateful=False, tas
          keeps_model_changes=True)
 register("fixup", lambda: FixupInit(), "model", stateful=False, task="sequence")
 register("lsuv", lambda: LSUVInit(tol=0.1, max_iter=5), "model", stateful=False, task="tabular")
-register("whiten_first_conv", lambda: WhitenFirstConv(n_images=256), "model", stateful=False, task="image")
+register("whiten_first_conv", lambda: WhitenFirstConv(n_images=256), "model", stateful=False, task="image",
+         inputs=("image",))

@@ -77,8 +77,12 @@ the measuring forward of two samples per fit, a negligible share of any fit.
         self._wrapped: list = []
         self._pending = self._in_fit = False
 
-    def _find(self) -> dict:
-        model = get_model(self.learn.model)
+    def check_model(self, model) -> None:
+        """A clear error for a model without blocks to checkpoint (or without the named ones), before any work."""
+        self._find(model)
+
+    def _find(self, model=None) -> dict:
+        model = get_model(self.learn.model) if model is None else model
         found = find_blocks(model)
         if self.blocks is None:
             if not found:

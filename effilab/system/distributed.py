@@ -92,6 +92,7 @@ class CPUSafeDistributedTrainer(DistributedTrainer):
         model = self.learn.model
         if self.sync_bn and _model_device(model).type != "cpu":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        _find_unused_parameters(self.learn, self.accelerator)
         self.learn.model = self.accelerator.prepare(model)
         self.old_dls = list(self.dls)
         self.learn.dls.loaders = [self._wrap_dl(dl) for dl in self.dls]
@@ -102,6 +103,20 @@ class CPUSafeDistributedTrainer(DistributedTrainer):
         if isinstance(dl, DistributedDL):
             return dl
         return CPUSafeDistributedDL(dl, device=_model_device(self.learn.model))
+
+
+def _find_unused_parameters(learn: Learner, accelerator) -> None:
+    """DDP told to find unused parameters (`find_unused_parameters=True`) when a callback of the Learner leaves
+    some parameters without a gradient in some steps (`leaves_parameters_unused`: stochastic depth's dropped
+    blocks); without it DDP waits for their gradients and fails at the next step. It costs a walk of the autograd
+    graph per step, so only then."""
+    if not any(getattr(cb, "leaves_parameters_unused", False) for cb in learn.cbs):
+        return
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    if accelerator.ddp_handler is None:
+        accelerator.ddp_handler = DistributedDataParallelKwargs()
+    accelerator.ddp_handler.find_unused_parameters = True
 
 
 # Callbacks (by class name: the optim package is not imported here) whose state is per parameter and

@@ -92,6 +92,13 @@ BAD_INPUT = {
                                       "'progressive_resize' in recipe 'progressive_resize' works on images; "
                                       "task 'pysource' has token sequences"),
     "cutmix on text": (lambda t: ["--task", "pysource", "--recipe", "cutmix"], "works on images"),
+    "stochastic depth on the plain CNN": (lambda t: ["--task", "digits", "--recipe", "stochastic_depth"],
+                                          "StochasticDepth needs a residual model, but Sequential has no "
+                                          "ResidualBlock"),
+    "growth on the plain CNN names the fix": (lambda t: ["--task", "digits", "--model", "cnn", "--recipe",
+                                                         "model_growth"], "In the bench: --model resnet"),
+    "resnet on text": (lambda t: ["--task", "pysource", "--model", "resnet"], "model 'resnet' needs image inputs"),
+    "resnet on flat inputs": (lambda t: ["--model", "resnet"], "model 'resnet' needs image inputs"),
     "out is a file": (lambda t: ["--out", str(_a_file(t))], "is a file, not a folder"),
     "out without a value": (lambda t: ["--out"], "argument --out: expected one argument"),
 }
