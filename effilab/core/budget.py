@@ -17,6 +17,7 @@ functions of p, so a run that ends on its budget also ends its schedules.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -176,11 +177,34 @@ class _Call(nn.Module):
         return self.fn(*inputs)
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+@contextlib.contextmanager
+def _hooks_off(model: nn.Module):
+    """The model's module hooks and the global ones set aside: the counting pass is not a forward that anybody
+    registered a hook for (a user's forward counter, fastai's ActivationStats, a technique's own measurement
+    must not see meta tensors). The same dict objects are emptied and refilled, so hook handles stay valid."""
+    from torch.nn.modules import module as M
+
+    dicts = [getattr(m, name) for m in model.modules() for name in _HOOK_DICTS]
+    dicts += [getattr(M, f"_global{name}") for name in _HOOK_DICTS]
+    saved = [dict(d) for d in dicts]
+    for d in dicts:
+        d.clear()
+    try:
+        yield
+    finally:
+        for d, items in zip(dicts, saved):
+            d.clear()
+            d.update(items)
+
+
 def step_flops(model: nn.Module, inputs: Sequence[torch.Tensor]) -> int:
     """FLOPs of one training step's forward and backward of `model` on inputs of these shapes, counted by
     `FlopCounterMode` (matmuls, convolutions, attention; element-wise ops count 0) on the meta device: no
-    memory, no change to the model, its BatchNorm statistics, its gradients or any random generator.
-    The backward is that of the outputs' sum, the same cost as the loss's."""
+    memory, no change to the model, its BatchNorm statistics, its gradients or any random generator, and no
+    module hook called. The backward is that of the outputs' sum, the same cost as the loss's."""
     from torch.func import functional_call
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -200,7 +224,7 @@ def step_flops(model: nn.Module, inputs: Sequence[torch.Tensor]) -> int:
 
     try:
         # meta-device dropout still draws from the CPU generator: leave the run's random stream alone
-        with torch.random.fork_rng(devices=[]), FlopCounterMode(display=False) as counter:
+        with _hooks_off(model), torch.random.fork_rng(devices=[]), FlopCounterMode(display=False) as counter:
             functional_call(_Call(model, forward_backward), {f"model.{k}": v for k, v in {**params, **buffers}.items()},
                             meta_inputs)
     except Exception as e:

@@ -111,6 +111,28 @@ def test_step_flops_counts_forward_and_backward_without_touching_the_model():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_step_flops_calls_no_hook_and_leaves_every_hook_in_place():
+    from torch.nn.modules.module import register_module_forward_hook
+
+    model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 4))
+    seen = []
+    handles = [model.register_forward_hook(lambda m, a, o: seen.append("model")),
+               model[0].register_forward_pre_hook(lambda m, a: seen.append("pre")),
+               model[2].register_full_backward_hook(lambda m, gi, go: seen.append("backward")),
+               register_module_forward_hook(lambda m, a, o: seen.append("global"))]
+    try:
+        assert step_flops(model, (torch.randn(8, 12),)) > 0
+        assert seen == []  # a user's forward counter (or fastai's ActivationStats) never sees the meta pass
+        model(torch.randn(8, 12, requires_grad=True)).sum().backward()
+        assert {"model", "pre", "backward", "global"} <= set(seen)  # still registered
+    finally:
+        for h in handles:
+            h.remove()
+    seen.clear()
+    model(torch.randn(8, 12))
+    assert seen == []  # the handles still remove them
+
+
 def _paper_rex(t, T):
     """Chen, Wolfe & Kyrillidis 2022, eq. for REX: eta_t = eta_0 * (1 - t/T) / (1/2 + 1/2 * (1 - t/T))."""
     z = 1 - t / T
