@@ -60,8 +60,10 @@ class LayerFreezing(RestoringCallback):
 
     **Interactions.** Order -6: before `Compile` (order -4), which resets its compile cache when the set of
     trainable parameters changes (pytorch#139476: a compiled frame reused across a requires_grad change can
-    train the wrong parameters). With growth, pass `layers` explicitly. Under DDP it needs
-    `find_unused_parameters=True` (it says so otherwise); not tested under DDP yet.
+    train the wrong parameters). With growth, pass `layers` explicitly. Under `distrib_ctx` (and
+    `effilab bench --nproc`) DDP is told to find unused parameters, so the frozen ones get no gradient without
+    stalling the all-reduce; a `DistributedDataParallel` built without `find_unused_parameters=True` is refused
+    before the first batch.
 
     **Telemetry** (source `"freezing"`): meta `layers` (names), `params` (per layer) and `freeze_at`
     (planned progress per layer); stream `"timeline"`: one record per layer frozen (`layer`, `name`,
@@ -72,6 +74,7 @@ class LayerFreezing(RestoringCallback):
     """
 
     order = -6  # after TrainEvalCallback (-10), whose model.train() it corrects
+    leaves_parameters_unused = True  # frozen layers get no gradient: `distrib_ctx` tells DDP so
     telemetry_name = "freezing"
 
     def __init__(self, start: float = 0.5, end: float = 1.0, max_frozen: int | None = None,

@@ -107,6 +107,23 @@ def test_stochastic_depth_trains_under_ddp_with_the_same_blocks_on_every_rank():
     assert runs[2].flops == pytest.approx(runs[1].flops, rel=1e-9)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_layer_freezing_trains_under_ddp_as_in_one_process():
+    """Frozen layers get no gradient: under DDP without find_unused_parameters the all-reduce waits for them and
+    the next step fails. 2 processes at batch 32 freeze the same layers at the same steps as 1 at batch 64."""
+    runs = {}
+    for nproc, bs in ((1, 64), (2, 32)):
+        c = bench.run("digits", ["layer_freezing(start=0.0, end=0.6)"], epochs=2, bs=bs, progress=None, nproc=nproc)
+        assert not c.failures, c.failures[0].message[-3000:]
+        runs[nproc] = c.results[0]
+    timelines = {n: [(r["layer"], r["step"]) for r in run.telemetry["records"]["freezing"]["timeline"]]
+                 for n, run in runs.items()}
+    assert len(timelines[1]) >= 2 and timelines[2] == timelines[1]
+    assert runs[2].steps == runs[1].steps
+    assert runs[2].flops == pytest.approx(runs[1].flops, rel=1e-9) and runs[2].flops < runs[1].steps * 1e12
+
+
 def test_training_flops_of_activation_checkpointing_count_the_recompute(images):
     """The meta-device count keeps the meta parameters through the backward, where checkpointing recomputes its
     blocks' forwards (it used to fail there, leaving the run's FLOPs unknown)."""
