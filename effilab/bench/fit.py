@@ -27,7 +27,7 @@ import torch
 from fastai.callback.core import Callback, CancelFitException
 
 from ..callback import EffilabCallback
-from ..core.budget import StepFlops
+from ..core.budget import StepFlops, warm_up_flop_counting
 from .recipes import Recipe, RunContext, budget_plan
 from .tasks import MODELS, RESNET_STAGES, TaskError, model_needs_images
 
@@ -497,6 +497,8 @@ def fit_one(task, recipe: Recipe, ctx: RunContext, device: torch.device, model: 
         scope = "run" if _reset_peak_rss() else "process"
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        if counter.flops is not None:
+            warm_up_flop_counting()  # once per process, untimed: else the campaign's first run carries it
         start, cpu_start = time.perf_counter(), time.process_time()
         if distributed:
             from ..system.distributed import distrib_ctx

@@ -18,6 +18,7 @@ functions of p, so a run that ends on its budget also ends its schedules.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 __all__ = ["UNITS", "BudgetClock", "LrSchedule", "check_amount", "check_unit", "cooldown_budget", "cosine",
-           "epochs_for_budget", "linear_decay", "rex", "step_flops", "StepFlops", "wsd"]
+           "epochs_for_budget", "linear_decay", "rex", "step_flops", "StepFlops", "warm_up_flop_counting", "wsd"]
 
 UNITS = ("steps", "samples", "tokens", "flops", "seconds")
 
@@ -231,6 +232,13 @@ def step_flops(model: nn.Module, inputs: Sequence[torch.Tensor]) -> int:
         raise RuntimeError(f"cannot count the FLOPs of {type(model).__name__} on the meta device ({e}); "
                            "use a samples, tokens or steps budget for this model") from e
     return int(counter.get_total_flops())
+
+
+@functools.cache
+def warm_up_flop_counting() -> None:
+    """Pay the one-off cost of the first FLOP count in this process (~1 s of CPU here: imports and the meta
+    device's first dispatch) on a tiny module, so that it does not land in a measured fit."""
+    step_flops(nn.Linear(2, 2), (torch.zeros(1, 2),))
 
 
 class StepFlops:

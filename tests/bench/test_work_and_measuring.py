@@ -76,3 +76,30 @@ def test_a_baseline_and_a_technique_run_have_the_same_non_technique_callbacks(mo
     assert "Dashboard" in base and "SystemMonitor" in base and "FitRecorder" in base
     assert [n for n in technique if n != "InfoBatch"] == base
     assert "system" in c.results[0].telemetry["records"]  # the baseline's monitor wrote what the other's did
+
+
+def test_the_first_flop_count_of_the_process_is_paid_before_the_timed_fit(monkeypatch):
+    # The first FLOP count in a process costs ~1 s of CPU (imports, the meta device's first dispatch): counted
+    # inside the first run's timed fit, it made the campaign's baseline look several times slower on --quick.
+    from fastai.learner import Learner
+
+    import effilab.core.budget as core_budget
+
+    events = []
+    count, fit = core_budget.step_flops, Learner.fit
+
+    def counting(*a, **k):
+        events.append("count")
+        return count(*a, **k)
+
+    def fitting(self, *a, **k):
+        events.append("fit")
+        return fit(self, *a, **k)
+
+    core_budget.warm_up_flop_counting.cache_clear()
+    monkeypatch.setattr(core_budget, "step_flops", counting)
+    monkeypatch.setattr(Learner, "fit", fitting)
+    c = bench.run("mnist1d", ["baseline"], seeds=[0], epochs=1, bs=64, task_kwargs={"n_samples": 600},
+                  progress=None, threads=1)
+    assert not c.failures, c.failures
+    assert events[:2] == ["count", "fit"] and "count" in events[2:]  # warmed up, then the run's own count
