@@ -70,10 +70,14 @@ def fit_distributed(task, recipe, ctx, device: torch.device, model: str, width, 
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "effilab.bench.distributed", str(folder)]
         proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        if proc.returncode != 0:
+        results = [folder / f"rank{r}.pkl" for r in range(nproc)]
+        # Every rank wrote its fit before the closing barrier: a process that then aborts while tearing down
+        # gloo's threads ("terminate called without an active exception", seen on a loaded machine) lost
+        # nothing, and its run is kept.
+        if proc.returncode != 0 and not all(p.exists() for p in results):
             raise RuntimeError(f"torchrun with {nproc} processes failed (exit {proc.returncode}):\n"
                                f"{proc.stdout[-4000:]}")
-        return _combine([pickle.loads((folder / f"rank{r}.pkl").read_bytes()) for r in range(nproc)])
+        return _combine([pickle.loads(p.read_bytes()) for p in results])
 
 
 def _worker(folder: Path) -> None:
@@ -86,7 +90,10 @@ def _worker(folder: Path) -> None:
         torch.cuda.set_device(device)
     fit = fit_one(job["task"], job["recipe"], job["ctx"], device, job["model"], job["width"], job["target_acc"],
                   distributed=True)
-    (folder / f"rank{os.environ['RANK']}.pkl").write_bytes(pickle.dumps(fit))
+    result = folder / f"rank{os.environ['RANK']}.pkl"
+    partial = result.with_suffix(".partial")
+    partial.write_bytes(pickle.dumps(fit))
+    partial.replace(result)  # whole or absent: the launcher keeps a run whose every rank file exists
     import torch.distributed as dist
 
     if dist.is_initialized():  # a process group left to interpreter exit can abort it (gloo's threads)

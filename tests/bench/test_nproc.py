@@ -2,6 +2,7 @@
 refused before any work."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch.distributed as dist
@@ -67,3 +68,35 @@ def test_two_processes_train_the_global_batch_of_one(tmp_path):
     assert one["samples"] == two["samples"] == 4 * 1600
     assert two["accuracy"] > 0.2  # learned: twice chance (10 classes)
     assert abs(two["accuracy"] - one["accuracy"]) < 0.1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(available_devices()[0] < 2 or not dist.is_gloo_available(),
+                    reason="needs 2 CPU cores (or GPUs) and torch.distributed with gloo")
+@pytest.mark.parametrize("lost_rank", [None, 1])
+def test_a_process_aborting_after_its_fit_loses_nothing(lost_rank, monkeypatch, tmp_path):
+    """A rank that aborts while tearing down gloo's threads (exit -6 after the closing barrier) has written its
+    fit: the run is kept. A rank that never wrote its fit fails the run, with torchrun's output."""
+    import subprocess
+
+    import effilab.bench.distributed as D
+
+    real_run = subprocess.run
+
+    def aborting(cmd, **kwargs):
+        proc = real_run(cmd, **kwargs)
+        assert proc.returncode == 0, proc.stdout[-3000:]
+        if lost_rank is not None:
+            (Path(cmd[-1]) / f"rank{lost_rank}.pkl").unlink()
+        return subprocess.CompletedProcess(cmd, -6, "terminate called without an active exception\n")
+
+    monkeypatch.setattr(D.subprocess, "run", aborting)
+    out = tmp_path / "out"
+    code = main(["bench", *TINY[:5], "1", "--seeds", "0", "--recipe", "baseline", "--bs", "32", "--nproc", "2",
+                 "--out", str(out)])
+    results = json.loads((out / "results.json").read_text())
+    if lost_rank is None:
+        assert code == 0 and results["runs"][0]["steps"] == 25  # 1 epoch of 25 batches of 32 per rank
+    else:
+        assert code == 1 and not results["runs"]
+        assert "terminate called" in results["failures"][0]["error"]
