@@ -99,6 +99,11 @@ def _worker(folder: Path) -> None:
     if dist.is_initialized():  # a process group left to interpreter exit can abort it (gloo's threads)
         dist.barrier()
         dist.destroy_process_group()
+    # Even then gloo's threads have aborted the interpreter's teardown ("terminate called without an active
+    # exception"): the fit is written, nothing is left to clean up, so the process ends here.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

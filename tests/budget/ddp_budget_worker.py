@@ -5,6 +5,7 @@ Saves, per scenario, the steps this rank took and what its Budget spent, to `<ou
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -69,6 +70,13 @@ def main(out: Path):
     timed.fit(10, 1e-2)
     results["seconds"] = (timed.steps.n, timed.budget.spent)
     torch.save(results, out / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+    # gloo's threads can abort the interpreter's teardown ("terminate called without an active exception"):
+    # everything is written, so the process ends here
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

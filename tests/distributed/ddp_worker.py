@@ -288,6 +288,11 @@ def main() -> None:
     torch.save(result, out_dir / f"{scenario}_rank{dist.get_rank()}.pt")
     dist.barrier()
     dist.destroy_process_group()
+    # gloo's threads can abort the interpreter's teardown ("terminate called without an active exception"):
+    # everything is written, so the process ends here
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
