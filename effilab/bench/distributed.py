@@ -81,6 +81,7 @@ def fit_distributed(task, recipe, ctx, device: torch.device, model: str, width, 
 
 
 def _worker(folder: Path) -> None:
+    from ..core.distributed import end_worker_process
     from .fit import fit_one
 
     job = pickle.loads((folder / "job.pkl").read_bytes())
@@ -94,17 +95,7 @@ def _worker(folder: Path) -> None:
     partial = result.with_suffix(".partial")
     partial.write_bytes(pickle.dumps(fit))
     partial.replace(result)  # whole or absent: the launcher keeps a run whose every rank file exists
-    import torch.distributed as dist
-
-    if dist.is_initialized():  # a process group left to interpreter exit can abort it (gloo's threads)
-        dist.barrier()
-        dist.destroy_process_group()
-    # Even then gloo's threads have aborted the interpreter's teardown ("terminate called without an active
-    # exception"): the fit is written, nothing is left to clean up, so the process ends here.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
+    end_worker_process()
 
 if __name__ == "__main__":
     import warnings

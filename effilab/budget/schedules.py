@@ -69,7 +69,8 @@ class BudgetSchedule(EffilabCallback):
         if self._peak is None:
             self._peak = self._find_peak()
             grid = np.linspace(0, 1, 101)  # sync-ok: NumPy, once per fit
-            curve = {"pct": grid.tolist(), "value": [float(self._peak[0] * self.schedule.multiplier(p)) for p in grid]}
+            values = [float(self._peak[0] * self.schedule.multiplier(p)) for p in grid]  # sync-ok: host floats
+            curve = {"pct": grid.tolist(), "value": values}  # sync-ok: NumPy
             tel = self.telemetry
             tel.set_meta("schedule", planned=tel.meta("schedule").get("planned", {}) | {"lr": curve})
         self._set_lr()

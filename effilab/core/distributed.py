@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_reduce_sum", "broadcast_from_rank0", "collective_device", "is_distributed", "rank"]
+__all__ = ["all_reduce_sum", "broadcast_from_rank0", "collective_device", "end_worker_process", "is_distributed",
+           "rank"]
 
 
 def is_distributed() -> bool:
@@ -41,3 +42,18 @@ def all_reduce_sum(values: list[int]) -> list[int]:
     t = torch.tensor(values, dtype=torch.int64, device=collective_device())
     dist.all_reduce(t)
     return t.tolist()  # sync-ok: a collective's result, once per epoch
+
+
+def end_worker_process() -> None:
+    """End a worker process whose results are written: the process group closed after a barrier, then exit
+    without the interpreter's teardown, where gloo's threads now and then abort it ("terminate called without an
+    active exception")."""
+    import os
+    import sys
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

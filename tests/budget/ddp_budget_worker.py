@@ -5,7 +5,6 @@ Saves, per scenario, the steps this rank took and what its Budget spent, to `<ou
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from effilab.budget import Budget  # noqa: E402
+from effilab.core.distributed import end_worker_process  # noqa: E402
 from effilab.system import distrib_ctx  # noqa: E402
 from tests.conftest import make_learner  # noqa: E402
 
@@ -70,13 +70,7 @@ def main(out: Path):
     timed.fit(10, 1e-2)
     results["seconds"] = (timed.steps.n, timed.budget.spent)
     torch.save(results, out / f"rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
-    # gloo's threads can abort the interpreter's teardown ("terminate called without an active exception"):
-    # everything is written, so the process ends here
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    end_worker_process()
 
 
 if __name__ == "__main__":

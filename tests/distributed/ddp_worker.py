@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from effilab.core.distributed import end_worker_process
 from effilab.core.infobatch import IndexedDataset, InfoBatchPruner, InfoBatchSampler, ScoreTable
 
 BIG = 2**24
@@ -286,13 +287,7 @@ def main() -> None:
     result = SCENARIOS[scenario](int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
     result["backend"] = dist.get_backend()
     torch.save(result, out_dir / f"{scenario}_rank{dist.get_rank()}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
-    # gloo's threads can abort the interpreter's teardown ("terminate called without an active exception"):
-    # everything is written, so the process ends here
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    end_worker_process()
 
 
 if __name__ == "__main__":
