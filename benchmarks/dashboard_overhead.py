@@ -4,13 +4,13 @@ Part 1, in this process (no browser): the same fit (MNIST-1D 20k, the 256-wide M
 `fit_one_cycle(6)`, then 24 epochs, batch 128, one thread) with no dashboard, with only the telemetry
 writers a Dashboard adds (`FitRecorder`, `SystemMonitor`), with `Dashboard(mode="static")`, with
 `Dashboard(mode="live")` at its defaults (at most 4 draws/s, and drawing within 1% of the fit's time) and
-without the rate limit (`max_per_s=0`: the time budget only). In live
-mode the FigureWidget is created and updated as in a notebook; there is no front end, so the widget's
-comm is replaced by one that JSON-encodes every message as a kernel would (jupyter_client's packer) and
-counts the bytes, but sends nothing. Fits are interleaved (A B C D E, then rotated), timed whole (wall
-and process CPU), and each callback's own time is measured around the events it handles (garbage from
-the previous fit is collected before each one). Overhead = median fit time / median fit time with no
-dashboard - 1.
+without the rate limit (`max_per_s=0`: the time budget only). In live mode the widget
+(`effilab.viz.live.LiveFigure`) is created and updated as in a notebook; there is no front end, so the
+widget's comm is replaced by one that JSON-encodes every message as a kernel would (jupyter_client's
+packer) and counts the bytes (JSON and binary buffers apart), but sends nothing. Fits are interleaved
+(A B C D E, then rotated), timed whole (wall and process CPU), and each callback's own time is measured
+around the events it handles (garbage from the previous fit is collected before each one). Overhead =
+median fit time / median fit time with no dashboard - 1.
 
 Part 2, in a real browser: JupyterLab runs `tests/browser/dashboard_live.ipynb` in headless Chromium
 (the test suite's launcher, `tests/browser/lab.py`). The kernel logs when each schedule record reached
@@ -19,7 +19,7 @@ the telemetry and when each update was sent; the page samples, every 50 ms, how 
 how long the oldest of them had been waiting.
 
     python -m benchmarks.dashboard_overhead [--quick] [--repeats N] [--epochs N ...] [--no-browser | --browser-only]
-    python -m benchmarks.dashboard_overhead --draw-only   # part 0: the CPU cost of one draw, no training
+    python -m benchmarks.dashboard_overhead --draw-only   # part 0: the widget's open / rebuild / draw, no training
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def _timed(cls):
 class _Wire:
     """Stands for the kernel's comm: encodes each message as the kernel's session would, sends nothing."""
 
-    bytes = messages = 0
+    bytes = buffer_bytes = messages = 0  # JSON bytes, binary buffer bytes
     seconds = 0.0
 
 
@@ -100,10 +100,10 @@ def _install_encoding_comm():
     class EncodingComm(BaseComm):
         def publish_msg(self, msg_type, data=None, metadata=None, buffers=None, **keys):
             t0 = time.perf_counter()
-            n = len(json_packer({"data": data or {}, "comm_id": self.comm_id}))
-            n += len(json_packer(metadata or {})) + sum(len(memoryview(b).cast("B")) for b in buffers or ())
+            n = len(json_packer({"data": data or {}, "comm_id": self.comm_id})) + len(json_packer(metadata or {}))
             _Wire.seconds += time.perf_counter() - t0
             _Wire.bytes += n
+            _Wire.buffer_bytes += sum(memoryview(b).nbytes for b in buffers or ())
             _Wire.messages += 1
 
     comm.create_comm = lambda *a, **k: EncodingComm(*a, **k)
@@ -137,7 +137,7 @@ def _one_fit(task, arm: str, epochs: int) -> dict:
     # The previous fit's Learner (reference cycles, a figure) is collected here, not during this fit.
     gc.collect()
     learn, writers, dash = _learner(task, arm)
-    wire0 = (_Wire.bytes, _Wire.messages, _Wire.seconds)
+    wire0 = (_Wire.bytes, _Wire.messages, _Wire.seconds, _Wire.buffer_bytes)
     w0, c0 = time.perf_counter(), time.process_time()
     with contextlib.redirect_stdout(io.StringIO()):  # the static summary
         learn.fit_one_cycle(epochs, LR)
@@ -151,7 +151,8 @@ def _one_fit(task, arm: str, epochs: int) -> dict:
                 "dashboard_updates_s": busy.get("before_batch", 0.0) + busy.get("after_epoch", 0.0),
                 "dashboard_finish_s": busy.get("after_fit", 0.0), "dashboard_busy": busy,
                 "pushes": dash.n_pushes, "failures": dash.n_failures,
-                "wire_bytes": _Wire.bytes - wire0[0], "wire_messages": _Wire.messages - wire0[1],
+                "wire_bytes": _Wire.bytes - wire0[0], "wire_buffer_bytes": _Wire.buffer_bytes - wire0[3],
+                "wire_messages": _Wire.messages - wire0[1],
                 "wire_encode_s": _Wire.seconds - wire0[2]}
     return out
 
@@ -161,7 +162,7 @@ def overhead(n_samples: int, epochs: int, repeats: int, arms: tuple = ARMS) -> d
 
     _install_encoding_comm()
     task = mnist1d(n_samples=n_samples, seed=0)
-    for arm in ("none", "live"):  # warm-up: imports, plotly's validators, the first FigureWidget
+    for arm in ("none", "live"):  # warm-up: imports, plotly.js read, the first widget
         _one_fit(task, arm, 1)
     runs = {arm: [] for arm in arms}
     for r in range(repeats):
@@ -187,43 +188,34 @@ def overhead_rows(res: dict) -> list[list]:
         per_update = median([1e3 * r["dashboard_updates_s"] / r["pushes"] for r in rs if r.get("pushes")]
                             or [0])
         kb = median([r.get("wire_bytes", 0) for r in rs]) / 1e3
+        buffer_kb = median([r.get("wire_buffer_bytes", 0) for r in rs]) / 1e3
         live = arm in ("live", "live_unthrottled")
         rows.append([ARM_TITLES[arm], f"{wall:.2f}", pct(wall / base_wall - 1) if arm != "none" else "",
                      f"{cpu:.2f}", pct(cpu / base_cpu - 1) if arm != "none" else "",
                      f"{own:.3f} ({own / wall:.1%})",
                      " / ".join(f"{x:.3f}" for x in parts) if arm in ("static", *ARMS[3:]) else "",
                      f"{pushes:.0f}" if live else "", f"{per_update:.1f}" if live else "",
-                     f"{kb:,.0f}" if kb else ""])
+                     f"{kb:,.0f} + {buffer_kb:,.0f}" if kb else ""])
     return rows
 
 
 OVERHEAD_HEADERS = ["arm", "fit wall (s, median)", "vs none", "fit CPU (s)", "vs none",
                     "in dashboard + writers (s, share of fit)", "dashboard: open / updates / end (s)",
-                    "updates", "ms / update", "sent (KB, JSON)"]
+                    "updates", "ms / update", "sent (KB, JSON + binary)"]
 
 
 # ---- part 0: the cost of one draw, without training
 
 
 def draw_cost(repeats: int, draws: int = 40) -> dict:
-    """CPU time of one live draw on synthetic telemetry (a 30-epoch fit, 10 epochs in, ~250 points per
-    stream), one record more per stream before each draw: the draw as plotly's property setters make it
-    (`update_figure` inside `batch_update`, what the Dashboard did before) against `figure_delta` +
-    `_send_delta` (changed traces only, binary arrays, no per-element validation). Interleaved, medians."""
-    import plotly.graph_objects as go
-
+    """CPU time of the live widget's three kinds of work on synthetic telemetry (a 30-epoch fit, 10 epochs in,
+    ~250 points per stream): opening it (figure and widget), rebuilding its figure (a panel appeared), and
+    one draw with one record more per stream (`figure_delta` + `LiveFigure.update`). Medians over repeats."""
     from effilab.viz import figures as F
-    from effilab.viz.dashboard import _send_delta
+    from effilab.viz.live import LiveFigure
     from tests.viz import synthetic_telemetry
 
     _install_encoding_comm()
-
-    def setup():
-        t = synthetic_telemetry(n_epoch=30, epochs_done=10, steps_per_epoch=100)
-        snap = F.snapshot(t)
-        cs = F.cells(snap)
-        fw = go.FigureWidget(F.build_figure(snap, scrub=False, cell_list=cs, live=True))
-        return t, fw, {}
 
     def grow(t, i):
         t.record("schedule", "step", iter=10_000 + i, pct=0.4 + i * 1e-4, lr=1e-3, mom=0.9)
@@ -231,28 +223,37 @@ def draw_cost(repeats: int, draws: int = 40) -> dict:
         t.record("system", "step", time_s=100.0 + i, iter=10_000 + i, samples_per_s=2000.0, data_wait_frac=0.05,
                  rss_mb=500.0)
 
-    def setters(t, fw, sent):
-        snap = F.snapshot(t)
-        cs = F.cells(snap)
-        with fw.batch_update():
-            F.update_figure(fw, snap, cs, sent)
+    def snap(t):
+        s = F.snapshot(t)
+        return s, F.cells(s)
 
-    def delta(t, fw, sent):
-        snap = F.snapshot(t)
-        _send_delta(fw, *F.figure_delta(snap, F.cells(snap), sent))
-
-    ways = {"plotly setters (before)": setters, "changed traces, binary (after)": delta}
-    out = {k: {"cpu_ms": [], "kb": []} for k in ways}
-    for r in range(repeats):
-        for name, draw in (list(ways.items()) if r % 2 == 0 else list(ways.items())[::-1]):
-            t, fw, sent = setup()
-            draw(t, fw, sent)  # the first draw sends what the figure was built with
-            b0, c0 = _Wire.bytes, time.process_time()
-            for i in range(draws):
-                grow(t, i)
-                draw(t, fw, sent)
-            out[name]["cpu_ms"].append(1e3 * (time.process_time() - c0) / draws)
-            out[name]["kb"].append((_Wire.bytes - b0) / draws / 1e3)
+    out = {k: [] for k in ("open_ms", "rebuild_ms", "draw_ms", "draw_json_kb", "draw_buffer_kb", "open_json_kb",
+                           "open_buffer_kb")}
+    LiveFigure(F.figure_dict(synthetic_telemetry())).close()  # imports, plotly.js read once
+    for _ in range(repeats):
+        t = synthetic_telemetry(n_epoch=30, epochs_done=10, steps_per_epoch=100)
+        w0, c0 = (_Wire.bytes, _Wire.buffer_bytes), time.process_time()
+        s, cs = snap(t)
+        widget = LiveFigure(F.figure_dict(s, scrub=False, cell_list=cs, live=True), F.status_line(s), 0.3)
+        sent = {}
+        F.figure_delta(s, cs, sent)
+        out["open_ms"].append(1e3 * (time.process_time() - c0))
+        out["open_json_kb"].append((_Wire.bytes - w0[0]) / 1e3)
+        out["open_buffer_kb"].append((_Wire.buffer_bytes - w0[1]) / 1e3)
+        c0 = time.process_time()
+        s, cs = snap(t)
+        widget.figure = F.figure_dict(s, scrub=False, cell_list=cs, live=True)
+        out["rebuild_ms"].append(1e3 * (time.process_time() - c0))
+        w0, c0 = (_Wire.bytes, _Wire.buffer_bytes), time.process_time()
+        for i in range(draws):
+            grow(t, i)
+            s, cs = snap(t)
+            widget.update(*F.figure_delta(s, cs, sent), F.status_line(s), 0.3)
+        out["draw_ms"].append(1e3 * (time.process_time() - c0) / draws)
+        out["draw_json_kb"].append((_Wire.bytes - w0[0]) / draws / 1e3)
+        out["draw_buffer_kb"].append((_Wire.buffer_bytes - w0[1]) / draws / 1e3)
+        widget.layout.close()
+        widget.close()
     return out
 
 
@@ -400,9 +401,9 @@ def main(argv=None):
     name = "dashboard_overhead" + ("_quick" if args.quick else "")
     if args.draw_only:
         res = draw_cost(repeats)
-        rows = [[k, f"{median(v['cpu_ms']):.2f}", f"{median(v['kb']):.1f}"] for k, v in res.items()]
-        print("\nOne live draw (synthetic 30-epoch fit, 10 epochs in), CPU per draw\n")
-        print(table(["draw", "CPU ms / draw (median)", "sent KB / draw"], rows))
+        rows = [[k, f"{median(v):.2f}"] for k, v in res.items()]
+        print("\nThe live widget's work (synthetic 30-epoch fit, 10 epochs in), CPU ms and KB sent, medians\n")
+        print(table(["what", "median"], rows))
         write_json("dashboard_draw_cost", {"draw_cost": res, "table": rows, "loadavg_end": list(os.getloadavg())})
         return
     for epochs in [] if args.browser_only else args.epochs or ([2] if args.quick else [6, 24]):

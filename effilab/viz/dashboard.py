@@ -1,5 +1,5 @@
-"""The live training dashboard: one plotly FigureWidget updated while fastai trains, or a static figure
-and a text summary at the end of the fit where no front end draws widgets."""
+"""The live training dashboard: one widget (`effilab.viz.live.LiveFigure`) updated while fastai trains, or a
+static figure and a text summary at the end of the fit where no front end draws widgets."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import sys
 import time
 import warnings
 
-import numpy as np
 from fastai.learner import Learner
 
 from ..callback import PER_BATCH_EVENTS, EffilabCallback, telemetry_of
@@ -19,7 +18,6 @@ __all__ = ["NO_WIDGETS_NOTE", "Dashboard", "Throttle", "announce_busy", "enable_
 # What a front end that can't draw widgets shows in the widget's place (instead of an empty box or a repr).
 NO_WIDGETS_NOTE = ("effilab dashboard: this front end does not draw widgets; the figure appears here at the end "
                    "of the fit")
-AUTOSIZE_EVERY_S = 5.0  # how often the live figure is re-fitted to its box's width (see `_autosize`)
 BUSY_EVERY_S = 1.0  # how often a running fit re-states that the kernel is busy (see `announce_busy`)
 
 
@@ -61,14 +59,14 @@ class Dashboard(EffilabCallback):
     static > a widget front end (`JPY_SESSION_NAME`: JupyterLab / Notebook 7, `VSCODE_PID`: VS Code,
     Colab): live > static (papermill, nbclient). See `effilab.viz.mode`.
 
-    - *live*: one `FigureWidget` (subplots) under one header line (a progress bar and the status), in a
-      box of CSS class `effilab-dashboard`; redrawn when the telemetry changed, at most `max_per_s` times
-      per second and only while the CPU time spent drawing stays within `budget` (a share, default 1%) of
-      the fit's time so far: the drawing rate follows the measured cost of a draw against the training steps,
-      on any machine (rebuilding the layout when a panel appears, a few times per fit, is not held against
-      the budget). A draw sends only the traces whose data changed, as binary arrays, in one message. At the end of the
-      fit the widget is replaced, through its display handle, by the static figure, so a saved notebook
-      shows the result.
+    - *live*: one widget (`effilab.viz.live.LiveFigure`: a plotly.js figure of subplots under a header
+      line with a progress bar and the status, CSS class `effilab-dashboard`); redrawn when the telemetry
+      changed, at most `max_per_s` times per second and only while the CPU time spent drawing stays within
+      `budget` (a share, default 1%) of the fit's time so far: the drawing rate follows the measured cost of
+      a draw against the training steps, on any machine (rebuilding the layout when a panel appears, a few
+      times per fit, is not held against the budget). A draw sends only the traces whose data changed, as
+      binary arrays, in one message; the figure fills its box's width. At the end of the fit the widget is
+      replaced, through its display handle, by the static figure, so a saved notebook shows the result.
     - *static*: no widget; at the end of the fit the figure (when in a kernel) and a text summary.
     - *off*: nothing.
 
@@ -79,7 +77,7 @@ class Dashboard(EffilabCallback):
 
     order, run_valid = 95, False  # after the telemetry writers (FitRecorder 55, SystemMonitor 90)
     # Widgets, display handles and the last figure stay out of pickles (`learn.export`).
-    _stateattrs = ("_fw", "_status", "_progress", "_widgets", "_handle", "final_figure", "_added")
+    _stateattrs = ("_widget", "_handle", "final_figure", "_added")
 
     def __init__(self, mode: str | None = None, max_per_s: float = 4.0, clock=time.monotonic,
                  budget: float = 0.01):
@@ -95,11 +93,9 @@ class Dashboard(EffilabCallback):
 
     def _init_state(self):
         super()._init_state()
-        self.final_figure = self._fw = self._status = self._progress = self._handle = None
-        self._widgets = []
+        self.final_figure = self._widget = self._handle = None
         self._running, self._warned, self._seen, self._key, self._sent = False, False, -1, None, {}
         self._added = []  # the writers this fit added, removed when it ends
-        self._autosized = float("-inf")
         self._throttle = Throttle(self.max_per_s, self.clock) if hasattr(self, "max_per_s") else None
         # Drawing budget: CPU seconds spent drawing this fit, since when (wall-clock), and when a draw may start.
         self._busy_s, self._t_start, self._next_t = 0.0, 0.0, float("-inf")
@@ -115,7 +111,7 @@ class Dashboard(EffilabCallback):
             # worth it (~2% of a fit of 3-ms steps).
             if event_name == "before_batch":  # the one per-batch handler, called without fastai's dispatch
                 # `learn.training` (two delegations) is read only when something is due.
-                if self._fw is not None and self.clock() >= self._due and self.run and self.learn.training:
+                if self._widget is not None and self.clock() >= self._due and self.run and self.learn.training:
                     self.before_batch()
                 return None
             if event_name in PER_BATCH_EVENTS and not hasattr(type(self), event_name):
@@ -161,14 +157,14 @@ class Dashboard(EffilabCallback):
             if self.mode == "live":
                 # Not counted against the drawing budget: on a short fit it would hold back the first draw.
                 self._guard("opening the live dashboard", self._open_widget)
-                if self._fw is None:  # no widget after all: the static figure at the end instead
+                if self._widget is None:  # no widget after all: the static figure at the end instead
                     self.mode, self.mode_reason = "static", "the live widget could not be opened"
 
     def before_batch(self):
         # Here rather than in after_batch: SystemMonitor counts the time between a batch's end and the next
         # batch's start as waiting for data, and drawing is not the loader's fault. One clock read per batch
         # until something is due.
-        if self._fw is not None and (now := self.clock()) >= self._due:
+        if self._widget is not None and (now := self.clock()) >= self._due:
             if now >= self._busy_t:
                 self._busy_t = now + BUSY_EVERY_S
                 self._guard("telling the front end the kernel is busy", announce_busy)
@@ -177,7 +173,7 @@ class Dashboard(EffilabCallback):
             self._schedule()
 
     def after_epoch(self):
-        if self._fw is not None and self._running and self.clock() >= self._next_t:
+        if self._widget is not None and self._running and self.clock() >= self._next_t:
             self._push(force=True)
 
     def after_fit(self):
@@ -246,38 +242,27 @@ class Dashboard(EffilabCallback):
 
     @staticmethod
     def _preload():
-        # The first FigureWidget imports anywidget (~1 s): pay it before training starts, where the system
-        # monitor would count it as time spent waiting for data.
-        import ipywidgets  # noqa: F401
-        import plotly.graph_objects as go
+        # Importing anywidget and reading plotly.js take ~1 s the first time: paid before training starts,
+        # where the system monitor would count it as time spent waiting for data.
+        from . import live
 
-        go.FigureWidget  # noqa: B018
+        live._plotly_js()
         enable_colab_widgets()
 
     def _open_widget(self):
         t = F.snapshot(telemetry_of(self.learn))
         cs = F.cells(t)
         try:
-            import ipywidgets as W
-            import plotly.graph_objects as go
-
-            fw = go.FigureWidget(F.build_figure(t, scrub=False, cell_list=cs, live=True))
-        except ImportError as e:  # plotly >= 6 draws FigureWidgets with anywidget
+            from .live import LiveFigure
+        except ImportError as e:
             warnings.warn(f"Dashboard: the live widget needs anywidget and ipywidgets ({e}); showing a "
                           "static figure at the end of the fit instead", RuntimeWarning, stacklevel=2)
             self._warned = True
             return
-        self._status = W.HTML(value=self._status_html(t))
-        self._progress = W.FloatProgress(value=0.0, min=0.0, max=1.0, bar_style="info")
-        header = W.HBox([self._progress, self._status])
-        box = W.VBox([header, fw])
-        # CSS classes: how a browser test finds the dashboard in the page.
-        for w, cls in ((box, "effilab-dashboard"), (fw, "effilab-dashboard-figure"),
-                       (self._status, "effilab-dashboard-status"),
-                       (self._progress, "effilab-dashboard-progress")):
-            w.add_class(cls)
-        self._fw, self._widgets, self._key, self._seen, self._sent = \
-            fw, [box, header, fw, self._status, self._progress], F.layout_key(cs), t.version, {}
+        st = F.status(t)
+        widget = LiveFigure(F.figure_dict(t, scrub=False, cell_list=cs, live=True), F.status_line(t),
+                            _progress(st))
+        self._widget, self._key, self._seen, self._sent = widget, F.layout_key(cs), t.version, {}
         F.figure_delta(t, cs, self._sent)  # what the new figure holds: sent
         if in_kernel():
             from IPython.display import display
@@ -287,7 +272,7 @@ class Dashboard(EffilabCallback):
             # (Built here: ipywidgets' own bundle would pretty-print the whole figure for a text/plain part
             # that is replaced anyway, ~10 ms per fit.)
             bundle = {"application/vnd.jupyter.widget-view+json": {"version_major": 2, "version_minor": 0,
-                                                                    "model_id": box.model_id},
+                                                                    "model_id": widget.model_id},
                       "text/plain": NO_WIDGETS_NOTE}
             self._handle = display(bundle, raw=True, display_id=True)
 
@@ -302,7 +287,7 @@ class Dashboard(EffilabCallback):
         # The draw's CPU time, not its wall-clock: on a shared machine a draw that waits while another
         # process has the CPU took nothing from training, and charging the wait held draws back for seconds.
         t0, rebuilds = time.thread_time(), self.n_rebuilds
-        self._guard("updating the live dashboard", self._redraw, t, force)
+        self._guard("updating the live dashboard", self._redraw, t)
         self._spent(t0, counted=self.n_rebuilds == rebuilds)
 
     def _spent(self, t0: float, counted: bool = True) -> None:
@@ -325,52 +310,23 @@ class Dashboard(EffilabCallback):
         draw = max(self._next_t, self._throttle.last + self._throttle.interval)
         self._due = min(draw, self._busy_t)
 
-    def _redraw(self, t, force: bool = False):
-        fw = self._fw
-        if fw is None:
+    def _redraw(self, t):
+        widget = self._widget
+        if widget is None:
             return
         snap = F.snapshot(t)  # one read of the store for this push
         cs = F.cells(snap)
         key = F.layout_key(cs)
         if key != self._key:  # panels appeared: same widget, new subplot grid
-            new = F.build_figure(snap, scrub=False, cell_list=cs, live=True)
-            with fw.batch_update():
-                fw.data = []
-                fw.add_traces(list(new.data))
-                fw.layout = new.layout
+            widget.figure = F.figure_dict(snap, scrub=False, cell_list=cs, live=True)
             self._key, self._sent = key, {}
             F.figure_delta(snap, cs, self._sent)  # what the new figure holds: sent
+            groups, layout = [], {}
             self.n_rebuilds += 1
         else:
-            _send_delta(fw, *F.figure_delta(snap, cs, self._sent))
-        st = F.status(snap)
-        html = self._status_html(snap)
-        if self._status.value != html:
-            self._status.value = html
-        self._progress.value = float(min(1.0, max(0.0, st["pct"] or 0.0)))
+            groups, layout = F.figure_delta(snap, cs, self._sent)
+        widget.update(groups, layout, F.status_line(snap), _progress(F.status(snap)))
         self.n_pushes += 1
-        self._autosize(force)
-
-    def _autosize(self, force: bool) -> None:
-        """Ask the front end to fit the figure to its box's width, at epoch ends and every few seconds.
-
-        plotly >= 6 draws a FigureWidget before the page has laid its box out, so at plotly's default
-        700 px, and never resizes it (plotly.py issue #5208): a relayout with `autosize` makes the view
-        measure its box. Sent again now and then because a view drawn later (plotly.js still loading,
-        the page reloaded) starts at 700 px again. (With `height` in the same relayout, plotly.js would
-        pin the width instead: the height stays, as the box is as tall as the figure.)
-        """
-        now = self.clock()
-        if not force and now - self._autosized < AUTOSIZE_EVERY_S:
-            return
-        self._autosized = now
-        self._fw._send_relayout_msg({"autosize": True})
-
-    @staticmethod
-    def _status_html(t) -> str:
-        import html
-
-        return f"<span style='font-family:monospace'>{html.escape(F.status_line(t))}</span>"
 
     def _finish(self):
         t = F.snapshot(telemetry_of(self.learn))
@@ -396,40 +352,14 @@ class Dashboard(EffilabCallback):
                 print(summary)
 
     def _close_widget(self):
-        widgets, self._widgets = self._widgets, []
-        self._fw = self._status = self._progress = None
-        for w in widgets:
-            # A widget's layout and style are widgets of their own, with comms of their own.
-            for part in (getattr(w, "layout", None), getattr(w, "style", None), w):
-                if part is not None and hasattr(part, "close"):
-                    part.close()
+        widget, self._widget = self._widget, None
+        if widget is not None:
+            widget.layout.close()  # a widget's layout is a widget of its own, with a comm of its own
+            widget.close()
 
 
-def _send_delta(fw, groups: list, layout: dict) -> None:
-    """Send what `figures.figure_delta` found changed to the widget's views, as one `Plotly.update` per group
-    of traces, and keep the widget's own copy of the figure in step.
-
-    plotly's property setters validate every array element by element and compare it with the old one
-    (a few ms per draw for ~25 traces); these arrays and paths are made by `figures` in plotly.js's own
-    terms, so the checked part of plotly's widget protocol (`_send_update_msg`) is used directly."""
-    for i, (idx, style) in enumerate(groups):
-        # Float arrays travel as binary buffers (float32: the values carry five significant digits); lists
-        # would be walked element by element and sent as JSON.
-        style = {field: [np.asarray(v, dtype=np.float32) for v in values] for field, values in style.items()}
-        for field, values in style.items():
-            for j, v in zip(idx, values):
-                fw._data[j][field] = v
-        fw._send_update_msg(style, layout if i == 0 else {}, idx)
-    if layout and not groups:
-        fw._send_relayout_msg(layout)
-    for path, value in layout.items():  # "annotations[3].text", "title.text"
-        node, parts = fw._layout, path.split(".")
-        for part in parts[:-1]:
-            name, _, k = part.partition("[")
-            node = node.setdefault(name, [] if k else {})
-            if k:
-                node = node[int(k[:-1])]
-        node[parts[-1]] = value
+def _progress(status: dict) -> float:
+    return float(min(1.0, max(0.0, status["pct"] or 0.0)))
 
 
 def announce_busy() -> bool:

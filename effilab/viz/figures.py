@@ -30,7 +30,7 @@ from .static import KEPT, PRUNED, RESCALED
 
 __all__ = ["PANELS", "PANEL_TITLES", "Cell", "Snapshot", "build_figure", "cells", "data_sources", "epoch_number",
            "figure_bundle", "informative_epoch", "layout_key", "lr_find_figure", "panels", "report_html", "snapshot",
-           "status", "status_line", "summary_text", "update_figure", "figure_delta"]
+           "status", "status_line", "summary_text", "apply_delta", "figure_delta", "figure_dict"]
 
 PANELS = ("training", "data", "schedules", "memory", "throughput")
 PANEL_TITLES = {"training": "Training", "data": "Data decisions", "schedules": "Schedules",
@@ -717,16 +717,22 @@ def build_figure(t: Telemetry | Snapshot, epoch: int | None = None, scrub: bool 
     slider under the figure that moves the histogram through the epochs. `cell_list`: `cells(t, epoch)`,
     when the caller has them already. `live`: the figure of the live widget, whose header has the status.
     """
+    return go.Figure(figure_dict(t, epoch, scrub, cell_list, live), _validate=False)
+
+
+def figure_dict(t: Telemetry | Snapshot, epoch: int | None = None, scrub: bool = True,
+                cell_list: list[Cell] | None = None, live: bool = False) -> dict:
+    """`build_figure`'s figure as plotly.js takes it (`{"data": [...], "layout": {...}}`, JSON-ready): what
+    the live widget draws."""
     t = snapshot(t)
     if epoch is None and scrub and cell_list is None:
         recs = next((r for r in (_data_records(t, s) for s in data_sources(t)) if r), None)
         epoch = informative_epoch(recs) if recs else None
     cs = cells(t, epoch) if cell_list is None else cell_list
     if not cs:
-        fig = go.Figure()
-        fig.update_layout(title="effilab dashboard: no telemetry yet", height=200, template="plotly_white",
-                          xaxis_visible=False, yaxis_visible=False)
-        return fig
+        return {"data": [], "layout": {"title": {"text": "effilab dashboard: no telemetry yet"}, "height": 200,
+                                       "template": _template(), "xaxis": {"visible": False},
+                                       "yaxis": {"visible": False}}}
     specs, pos = _grid(cs)
     rows = len(specs)
     height = rows * ROW_PX + 140
@@ -755,7 +761,7 @@ def build_figure(t: Telemetry | Snapshot, epoch: int | None = None, scrub: bool 
         layout["sliders"] = [slider]
         layout["height"] = height + 80
         layout["margin"]["b"] = 120
-    return go.Figure({"data": data, "layout": layout}, _validate=False)
+    return {"data": data, "layout": layout}
 
 
 _TEMPLATE: dict = {}
@@ -840,37 +846,21 @@ def figure_delta(t: Telemetry | Snapshot, cs: list[Cell], sent: dict) -> tuple[l
     return list(groups.values()), layout
 
 
-def update_figure(fig: go.Figure, t: Telemetry | Snapshot, cs: list[Cell] | None = None,
-                  sent: dict | None = None) -> bool:
-    """Copy the latest data into `fig` (a figure or `FigureWidget` built by `build_figure` with the same
-    `layout_key`); returns False when the layout changed and the figure must be rebuilt instead.
-
-    `sent`: a dict kept between calls on the same figure; data equal to what was sent last time is not
-    sent again (a planned schedule, a histogram within its epoch).
-    """
-    t = snapshot(t)
-    cs = cells(t) if cs is None else cs
-    names = [tr["name"] for c in cs for tr in c.traces]
-    if [tr.name for tr in fig.data] != names:
-        return False
-    sent = {} if sent is None else sent
-    i = 0
-    for c in cs:
-        for tr in c.traces:
-            target = fig.data[i]
-            for k in _DATA_FIELDS:
-                if k in tr and sent.get((i, k)) != tr[k]:
-                    # Arrays are validated and serialised far faster by plotly than lists of floats.
-                    target[k] = np.asarray(tr[k])
-                    sent[(i, k)] = tr[k]
-            i += 1
-    for a, c in zip(fig.layout.annotations, cs):
-        if a.text != c.title:
-            a.text = c.title
-    title = _title(t, live=True)
-    if fig.layout.title.text != title:
-        fig.layout.title.text = title
-    return True
+def apply_delta(fig: dict, groups: list, layout: dict) -> None:
+    """Apply `figure_delta`'s `(groups, layout)` to `fig`, a `figure_dict` (what the live widget keeps of the
+    figure its views draw)."""
+    for idx, style in groups:
+        for name, values in style.items():
+            for i, v in zip(idx, values):
+                fig["data"][i][name] = v
+    for path, value in layout.items():  # "annotations[3].text", "title.text"
+        node, parts = fig["layout"], path.split(".")
+        for part in parts[:-1]:
+            name, _, k = part.partition("[")
+            node = node.setdefault(name, [] if k else {})
+            if k:
+                node = node[int(k[:-1])]
+        node[parts[-1]] = value
 
 
 # ---- lr_find

@@ -27,12 +27,13 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 # Environment variables that would choose the dashboard's mode instead of the front end (CI sets CI=true).
 _MODE_VARS = ("CI", "EFFILAB_DASHBOARD", "VSCODE_PID", "COLAB_RELEASE_TAG", "JPY_SESSION_NAME")
 
-# The graph div of the live dashboard's FigureWidget.
+# The graph div of the live dashboard (effilab.viz.live.LiveFigure).
 LIVE_PLOT = ".effilab-dashboard .js-plotly-plot"
 
 # What the page shows of the live dashboard, in one read (null when it is not on the page): points per
-# trace (by name), histogram bars of non-zero height, the progress bar's width (%), the status line, the
-# drawn width against the box's width, and the browser's clock.
+# trace (by name), histogram bars of non-zero height, the top of the histogram's y axis and of its threshold
+# line, the progress bar's width (%), the status line, the drawn width against the box's width, and the
+# browser's clock.
 JS_LIVE_STATE = """(selector) => {
   const gd = document.querySelector(selector);
   if (!gd || !gd.data || !gd._fullLayout) return null;
@@ -44,9 +45,13 @@ JS_LIVE_STATE = """(selector) => {
     const m = /^M[^,]+,([-0-9.e]+)V([-0-9.e]+)H/.exec(p.getAttribute('d') || '');
     return m && Math.abs(parseFloat(m[1]) - parseFloat(m[2])) > 0.5;
   }).length;
+  // The histogram's y axis: its top against the threshold line's (drawn as tall as the highest stack).
+  const line = gd.data.find(t => t.name.startsWith('scores/') && t.name.endsWith(': threshold'));
+  const axis = line ? gd._fullLayout['yaxis' + (line.yaxis || 'y').slice(1)] : null;
+  const hist = axis ? {top: axis.range[1], line: Math.max(...Array.from(line.y || [0]))} : null;
   const bar = document.querySelector('.effilab-dashboard-progress .progress-bar');
   const status = document.querySelector('.effilab-dashboard-status');
-  return {traces, bars, progress: bar ? parseFloat(bar.style.width) : null,
+  return {traces, bars, hist, progress: bar ? parseFloat(bar.style.width) : null,
           status: status ? status.textContent : null, width: gd._fullLayout.width, box: gd.clientWidth,
           svgs: gd.querySelectorAll('svg.main-svg').length, t: Date.now() / 1000};
 }"""

@@ -47,6 +47,13 @@ def _wait(what: str, fn, timeout_s: float, page=None, every_s: float = 0.25):
         time.sleep(every_s)
 
 
+def _assert_histogram_fits(state: dict) -> None:
+    """The histogram's y axis reaches its highest stack (the threshold line's top), not an empty axis's range
+    left over from the panel that sat there before the figure grew."""
+    hist = state["hist"]
+    assert hist and 0.9 * hist["line"] <= hist["top"] <= 2 * hist["line"], hist
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("app", L.FRONT_ENDS)
 def test_live_dashboard_draws_and_moves(tmp_path, app):
@@ -77,12 +84,14 @@ def test_live_dashboard_draws_and_moves(tmp_path, app):
                 assert not missing, f"panels missing from the live figure: {missing}"
                 assert first["status"] and "epoch" in first["status"], first["status"]
                 assert first["progress"] is not None, "no progress bar in the dashboard"
+                _assert_histogram_fits(first)
                 # Wait for the moves with a deadline, not a fixed sleep: a loaded machine trains slower.
                 second = _wait("the schedule, memory, progress and status to move", lambda: (
                     (s := L.live_state(page)) and s["t"] - first["t"] >= 2.0
                     and s["traces"]["schedule/lr: actual"] > first["traces"]["schedule/lr: actual"]
                     and s["traces"]["memory: rss"] > first["traces"]["memory: rss"]
                     and s["progress"] > first["progress"] and s["status"] != first["status"] and s), 30, page)
+                _assert_histogram_fits(second)
                 page.screenshot(path=str(ARTIFACTS / f"dashboard_browser_{app}_mid.png"))
                 # The figure is fitted to its box (plotly >= 6 draws widgets 700 px wide otherwise; the
                 # dashboard asks for an autosize every few seconds).

@@ -74,12 +74,12 @@ def test_throttle_lets_two_per_second_through_plus_forced():
 
 
 def test_static_fit_draws_no_widget_and_prints_a_summary(monkeypatch, capsys, tmp_path):
-    import plotly.graph_objects as go
+    from effilab.viz import live
 
     def no_widget(*a, **k):
-        raise AssertionError("a FigureWidget was created in static mode")
+        raise AssertionError("a live widget was created in static mode")
 
-    monkeypatch.setattr(go, "FigureWidget", no_widget)
+    monkeypatch.setattr(live.LiveFigure, "__init__", no_widget)
     before = _widget_count()
     dash = Dashboard()  # auto: pytest is no kernel, so static
     learn = make_learner([InfoBatch(0.5, delta=0.75, seed=0), dash], n=N, bs=BS)
@@ -115,10 +115,10 @@ class _Probe(Callback):
         self.dash, self.seen = dash, []
 
     def after_epoch(self):
-        fw = self.dash._fw
-        if fw is not None:
-            valid = next(tr for tr in fw.data if tr.name == "loss: valid")
-            self.seen.append((len(valid.x), self.dash._widgets[0]._dom_classes, self.dash._progress.value))
+        widget = self.dash._widget
+        if widget is not None:
+            valid = next(tr for tr in widget.figure["data"] if tr["name"] == "loss: valid")
+            self.seen.append((len(valid["x"]), widget.header["status"], widget.header["progress"]))
 
 
 def test_live_fit_headless_updates_throttled_then_second_fit(capsys):
@@ -133,11 +133,11 @@ def test_live_fit_headless_updates_throttled_then_second_fit(capsys):
     learn.fit_one_cycle(3, 1e-2)
     assert dash.mode == "live" and dash.n_failures == 0
     assert [n for n, _, _ in probe.seen] == [1, 2, 3]  # the widget followed every epoch
-    assert all("effilab-dashboard" in classes for _, classes, _ in probe.seen)
+    assert probe.seen[-1][1].startswith("epoch 3/3 · 100%"), probe.seen  # the header's status line
     assert probe.seen[-1][2] == pytest.approx(1.0)
     # one unforced push (the first), three epoch ends, no final push (the final figure replaces the widget)
     assert dash.n_pushes == 4, dash.n_pushes
-    assert dash._fw is None and dash.final_figure is not None  # the widget is closed, the figure stays
+    assert dash._widget is None and dash.final_figure is not None  # the widget is closed, the figure stays
     assert "Training (fit 0)" in capsys.readouterr().out
 
     # Without throttling every telemetry change is drawn: many more pushes.
@@ -176,21 +176,23 @@ def test_a_drawing_failure_warns_once_and_training_completes(monkeypatch):
 
 
 def test_live_draws_send_only_changed_traces_as_arrays(monkeypatch):
-    """A draw sends the traces whose data changed (the planned schedules never again after the widget
-    opened), as float arrays (binary buffers on the wire), and the widget's own figure stays equal to the
-    one built from the same telemetry."""
+    """A draw is one message: the traces whose data changed (the planned schedules never again after the widget
+    opened) as float32 binary buffers, and the header; the widget's own figure stays equal to the one built
+    from the same telemetry (what a view opened later draws)."""
     pytest.importorskip("anywidget")
     import numpy as np
-    import plotly.graph_objects as go
+
+    from effilab.viz.live import LiveFigure
 
     sent = []
-    original = go.FigureWidget._send_update_msg
+    original = LiveFigure.send
 
-    def spy(self, style, layout, traces, *a, **k):
-        sent.append((style, layout, list(traces), [self.data[i].name for i in traces]))
-        return original(self, style, layout, traces, *a, **k)
+    def spy(self, content, buffers=None):
+        names = [self.figure["data"][i]["name"] for g in content.get("groups", []) for i in g["traces"]]
+        sent.append((content, list(buffers or []), names))
+        return original(self, content, buffers)
 
-    monkeypatch.setattr(go.FigureWidget, "_send_update_msg", spy)
+    monkeypatch.setattr(LiveFigure, "send", spy)
     learn = make_learner([InfoBatch(0.5, seed=0), FitRecorder(every=1, max_per_s=1e9), SystemMonitor(every_s=0.0)],
                          n=N, bs=BS)
     dash = Dashboard(mode="live", max_per_s=0.0, budget=0)
@@ -202,15 +204,18 @@ def test_live_draws_send_only_changed_traces_as_arrays(monkeypatch):
 
         def after_fit(self):
             t = telemetry_of(self.learn)
-            dash._redraw(t, True)
-            built = F.build_figure(F.snapshot(t), scrub=False, live=True)
-            fw = dash._fw
-            assert [tr.name for tr in fw.data] == [tr.name for tr in built.data]
-            for mine, ref in zip(fw.data, built.data):
+            dash._seen = -1
+            dash._push(force=True)
+            built = F.figure_dict(F.snapshot(t), scrub=False, live=True)
+            mine = dash._widget.figure
+            assert [tr["name"] for tr in mine["data"]] == [tr["name"] for tr in built["data"]]
+            for a, b in zip(mine["data"], built["data"]):
                 for k in ("x", "y"):
-                    assert np.allclose(np.asarray(mine[k], dtype=float), np.asarray(ref[k], dtype=float)), \
-                        (mine.name, k)
-            compared.append(len(fw.data))
+                    assert np.allclose(np.asarray(a[k], dtype=float), np.asarray(b[k], dtype=float)), (a["name"], k)
+            assert mine["layout"]["title"] == built["layout"]["title"]
+            assert [x["text"] for x in mine["layout"]["annotations"]] == \
+                [x["text"] for x in built["layout"]["annotations"]]
+            compared.append(len(mine["data"]))
 
     learn.fit_one_cycle(2, 1e-2, cbs=Compare())
     assert compared and compared[0] > 10
@@ -219,8 +224,33 @@ def test_live_draws_send_only_changed_traces_as_arrays(monkeypatch):
     assert "loss: train (steps)" in names and "schedule/lr: actual" in names
     assert not [n for n in names if n.endswith("planned")], "a planned schedule does not change"
     assert all(len(ns) < compared[0] for *_, ns in sent), "only the traces that changed"
-    for style, *_ in sent:
-        assert all(isinstance(v, np.ndarray) and v.dtype == np.float32 for vs in style.values() for v in vs)
+    for content, buffers, _ in sent:
+        slots = [k for g in content.get("groups", []) for v in g["fields"].values() for k in v]
+        assert sorted(slots) == list(range(len(buffers)))  # every array is a buffer, none in the JSON
+        assert all(isinstance(b, np.ndarray) and b.dtype == np.float32 for b in buffers)
+    assert any("status" in c.get("header", {}) for c, *_ in sent)
+
+
+def test_the_live_widget_sends_plotly_js_as_one_binary_buffer():
+    """Opening the widget JSON-encodes the figure only: plotly.js (~5 MB) goes as a binary buffer, which the
+    kernel sends without encoding it."""
+    pytest.importorskip("anywidget")
+    from ipywidgets.widgets.widget import _remove_buffers
+
+    from effilab.viz.live import LiveFigure
+    from tests.viz import synthetic_telemetry
+
+    t = F.snapshot(synthetic_telemetry(n_epoch=4, epochs_done=2))
+    widget = LiveFigure(F.figure_dict(t, scrub=False, live=True), F.status_line(t), 0.5)
+    try:
+        state, paths, buffers = _remove_buffers(widget.get_state())
+        assert paths == [["plotly_js"]] and len(buffers[0]) > 3_000_000
+        assert len(json.dumps(state)) < 100_000, len(json.dumps(state))
+        assert state["plotly_version"] and state["header"] == {"status": F.status_line(t), "progress": 0.5}
+        assert not widget.update([], {}, F.status_line(t), 0.5)  # nothing changed: nothing sent
+    finally:
+        widget.layout.close()
+        widget.close()
 
 
 def test_live_updates_failing_midway_warn_once(monkeypatch):
@@ -246,12 +276,7 @@ def test_live_updates_failing_midway_warn_once(monkeypatch):
 
 
 def test_live_without_anywidget_falls_back_to_static(monkeypatch, capsys):
-    import plotly.graph_objects as go
-
-    def no_anywidget(*a, **k):
-        raise ImportError("No module named 'anywidget'")
-
-    monkeypatch.setattr(go, "FigureWidget", no_anywidget)
+    monkeypatch.setitem(sys.modules, "effilab.viz.live", None)  # importing it fails, as without anywidget
     learn = make_learner([], n=N, bs=BS)
     dash = Dashboard(mode="live")
     learn.add_cb(dash)
@@ -289,13 +314,13 @@ def test_pickles_without_widgets_and_skips_lr_find():
     dash = Dashboard(mode="live")
     learn.add_cb(dash)
     learn.lr_find(num_it=5, show_plot=False)
-    assert dash.n_pushes == 0 and dash._fw is None and dash.final_figure is None
-    dash._fw = object()  # as if in the middle of a live fit
+    assert dash.n_pushes == 0 and dash._widget is None and dash.final_figure is None
+    dash._widget = object()  # as if in the middle of a live fit
     state = dash.__getstate__()
-    assert "_fw" not in state and "_widgets" not in state and "_handle" not in state
+    assert "_widget" not in state and "_handle" not in state
     clone = Dashboard.__new__(Dashboard)
     clone.__setstate__(state)
-    assert clone._fw is None and clone.mode_arg == "live"
+    assert clone._widget is None and clone.mode_arg == "live"
 
 
 def _kernel_env(tmp_path) -> dict:

@@ -203,18 +203,24 @@ def test_slider_scrubs_the_histogram_through_the_epochs():
     assert not F.build_figure(synthetic_telemetry(n_epoch=1)).layout.sliders  # one epoch: nothing to scrub
 
 
-def test_update_figure_copies_data_and_reports_layout_changes():
+def test_figure_delta_brings_a_figure_up_to_date_and_layout_key_tells_a_rebuild():
     t = synthetic_telemetry(n_epoch=5, epochs_done=2)
-    fig = F.build_figure(t, scrub=False)
+    fig = F.figure_dict(t, scrub=False, live=True)
+    sent = {}
+    F.figure_delta(t, F.cells(t), sent)  # what the figure holds
     synthetic_telemetry(n_epoch=5, epochs_done=4, telemetry=Telemetry())  # unrelated store: no effect
     later = synthetic_telemetry(n_epoch=5, epochs_done=4)
-    assert F.layout_key(F.cells(t)) == F.layout_key(F.cells(later))
-    assert F.update_figure(fig, later)
-    assert list(_traces(fig)["loss: valid"].x) == [1, 2, 3, 4]
-    assert "epoch 4" in _titles(fig)[0]
+    cs = F.cells(later)
+    assert F.layout_key(F.cells(t)) == F.layout_key(cs)
+    groups, layout = F.figure_delta(later, cs, sent)
+    F.apply_delta(fig, groups, layout)
+    rebuilt = F.figure_dict(later, scrub=False, live=True)
+    assert fig["data"] == rebuilt["data"]
+    assert [a["text"] for a in fig["layout"]["annotations"]] == [a["text"] for a in rebuilt["layout"]["annotations"]]
+    assert "epoch 4" in fig["layout"]["annotations"][0]["text"]
+    assert F.figure_delta(later, cs, sent) == ([], {})  # all sent
     grown = synthetic_telemetry(n_epoch=5, epochs_done=4, gpu=True)
-    assert F.layout_key(F.cells(grown)) != F.layout_key(F.cells(later))
-    assert not F.update_figure(fig, grown)
+    assert F.layout_key(F.cells(grown)) != F.layout_key(cs)
 
 
 def test_long_series_are_thinned_for_drawing():
@@ -362,8 +368,9 @@ def test_live_title_leaves_the_status_to_the_header():
     assert F.status_line(t) in F.build_figure(t).layout.title.text
     live = F.build_figure(t, scrub=False, live=True)
     assert F.status_line(t) not in live.layout.title.text and "epoch" not in live.layout.title.text
-    assert F.update_figure(live, t)
-    assert "epoch" not in live.layout.title.text
+    fig, sent = F.figure_dict(t, scrub=False, live=True), {}
+    F.apply_delta(fig, *F.figure_delta(t, F.cells(t), sent))
+    assert "epoch" not in fig["layout"]["title"]["text"]
 
 
 def test_lr_find_marks_sit_on_their_learning_rate():
