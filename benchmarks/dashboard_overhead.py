@@ -190,8 +190,12 @@ def overhead_rows(res: dict) -> list[list]:
         kb = median([r.get("wire_bytes", 0) for r in rs]) / 1e3
         buffer_kb = median([r.get("wire_buffer_bytes", 0) for r in rs]) / 1e3
         live = arm in ("live", "live_unthrottled")
+        # Paired: each repeat runs every arm once, back to back, so a ratio within a repeat cancels the
+        # machine's slower and faster minutes, which move whole-fit medians by several percent here.
+        paired = median([r["cpu_s"] / b["cpu_s"] for r, b in zip(rs, runs["none"])]) - 1
         rows.append([ARM_TITLES[arm], f"{wall:.2f}", pct(wall / base_wall - 1) if arm != "none" else "",
                      f"{cpu:.2f}", pct(cpu / base_cpu - 1) if arm != "none" else "",
+                     pct(paired) if arm != "none" else "",
                      f"{own:.3f} ({own / wall:.1%})",
                      " / ".join(f"{x:.3f}" for x in parts) if arm in ("static", *ARMS[3:]) else "",
                      f"{pushes:.0f}" if live else "", f"{per_update:.1f}" if live else "",
@@ -200,6 +204,7 @@ def overhead_rows(res: dict) -> list[list]:
 
 
 OVERHEAD_HEADERS = ["arm", "fit wall (s, median)", "vs none", "fit CPU (s)", "vs none",
+                    "vs none, paired (median of per-repeat ratios)",
                     "in dashboard + writers (s, share of fit)", "dashboard: open / updates / end (s)",
                     "updates", "ms / update", "sent (KB, JSON + binary)"]
 
