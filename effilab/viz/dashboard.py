@@ -258,9 +258,8 @@ class Dashboard(EffilabCallback):
                           "static figure at the end of the fit instead", RuntimeWarning, stacklevel=2)
             self._warned = True
             return
-        st = F.status(t)
         widget = LiveFigure(F.figure_dict(t, scrub=False, cell_list=cs, live=True), F.status_line(t),
-                            _progress(st))
+                            _progress(F.status(t)))
         self._widget, self._key, self._seen, self._sent = widget, F.layout_key(cs), t.version, {}
         F.figure_delta(t, cs, self._sent)  # what the new figure holds: sent
         if in_kernel():

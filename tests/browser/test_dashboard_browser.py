@@ -93,8 +93,8 @@ def test_live_dashboard_draws_and_moves(tmp_path, app):
                     and s["progress"] > first["progress"] and s["status"] != first["status"] and s), 30, page)
                 _assert_histogram_fits(second)
                 page.screenshot(path=str(ARTIFACTS / f"dashboard_browser_{app}_mid.png"))
-                # The figure is fitted to its box (plotly >= 6 draws widgets 700 px wide otherwise; the
-                # dashboard asks for an autosize every few seconds).
+                # The figure is fitted to its box (plotly.js draws 700 px wide when the box is not laid out
+                # yet; the widget resizes it when its box changes).
                 fitted = _wait("the live figure to fill its box", lambda: (
                     (s := L.live_state(page)) and abs(s["width"] - s["box"]) <= 2 and s), 15, page)
                 assert fitted["box"] > 800, fitted["box"]
