@@ -42,8 +42,10 @@ function loadPlotly(model) {
   return cache[version];
 }
 
-// A buffer as float32 values (copied: a message's buffers need not start on a 4-byte boundary).
-const floats = (dv) => new Float32Array(dv.buffer.slice(dv.byteOffset, dv.byteOffset + dv.byteLength));
+// A buffer (a DataView, or an ArrayBuffer in some widget managers) as float32 values, copied: a message's
+// buffers need not start on a 4-byte boundary.
+const floats = (b) => new Float32Array(ArrayBuffer.isView(b)
+  ? b.buffer.slice(b.byteOffset, b.byteOffset + b.byteLength) : b.slice(0));
 
 function render({ model, el }) {
   el.classList.add("effilab-dashboard");
