@@ -78,8 +78,12 @@ class EffilabCallback(Callback):
 
     Every subclass's constructor checks its arguments against their annotations (`check_annotated_args`)."""
 
+    # The per-batch events this class has no handler for (set for each subclass).
+    _ignored: frozenset = PER_BATCH_EVENTS
+
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        cls._ignored = frozenset(e for e in PER_BATCH_EVENTS if not hasattr(cls, e))
         init = cls.__dict__.get("__init__")
         if init is None or getattr(init, "_checks_types", False):
             return
@@ -95,7 +99,7 @@ class EffilabCallback(Callback):
     def __call__(self, event_name):
         # fastai calls every callback at every event and reads `learn.training` through attribute
         # delegation (~5 us each): skip the per-batch events this callback has no handler for.
-        if event_name in PER_BATCH_EVENTS and not hasattr(type(self), event_name):
+        if event_name in self._ignored:
             return None
         return super().__call__(event_name)
 

@@ -317,6 +317,8 @@ class SystemMonitor(EffilabCallback):
             if run is not None and run.training:
                 getattr(self, event_name)()
             return None
+        if event_name in self._ignored:  # here too: the call to the base class costs as much again
+            return None
         return super().__call__(event_name)
 
     def before_batch(self):

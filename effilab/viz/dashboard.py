@@ -9,7 +9,7 @@ import warnings
 
 from fastai.learner import Learner
 
-from ..callback import PER_BATCH_EVENTS, EffilabCallback, telemetry_of
+from ..callback import EffilabCallback, telemetry_of
 from . import figures as F
 from .mode import ModeChoice, decide_mode, in_kernel
 
@@ -113,7 +113,7 @@ class Dashboard(EffilabCallback):
                 if self._widget is not None and self.clock() >= self._due and self.run and self.learn.training:
                     self.before_batch()
                 return None
-            if event_name in PER_BATCH_EVENTS and not hasattr(type(self), event_name):
+            if event_name in self._ignored:
                 return None
             return super().__call__(event_name)
         if mode is not None:
