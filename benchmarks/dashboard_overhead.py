@@ -20,12 +20,14 @@ how long the oldest of them had been waiting.
 
     python -m benchmarks.dashboard_overhead [--quick] [--repeats N] [--epochs N ...] [--no-browser | --browser-only]
     python -m benchmarks.dashboard_overhead --draw-only   # part 0: the widget's open / rebuild / draw, no training
+    python -m benchmarks.dashboard_overhead --dispatch-only   # fastai's call of a callback for an unhandled event
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import io
 import json
@@ -63,11 +65,13 @@ ARM_TITLES = {"none": "no dashboard", "writers": "telemetry writers only (FitRec
 
 
 def _timed(cls):
-    """`cls` with the time spent in each call fastai makes to it (handled or not: passing on an event is part of
-    what a callback costs) added up per event in `busy`, and in all in `busy_s`.
+    """`cls` with the time spent in each call fastai makes to it for an event it handles added up per event in
+    `busy`, and in all in `busy_s`.
 
-    The sums live in the instance's `__dict__`: setting a fastai Callback's attribute looks the name up on the
-    Learner (~8 us), which added ~1% to the fits measured here, outside the time measured."""
+    The per-batch events a callback has no handler for pass through as in `EffilabCallback.__call__`, untimed:
+    0.14 us a call (`python -m benchmarks.dashboard_overhead --dispatch-only`), less than the two clock reads
+    that would time it. The sums live in the instance's `__dict__`: setting a fastai Callback's attribute
+    looks the name up on the Learner (~8 us), which would add to the fit what it measures."""
 
     class Timed(cls):
         @property
@@ -75,9 +79,11 @@ def _timed(cls):
             return sum(self.__dict__.get("busy", {}).values())
 
         def __call__(self, event_name=None, *args, **kwargs):
+            if event_name in self._ignored:
+                return None
             t0 = time.perf_counter()
             try:
-                return super().__call__(event_name, *args, **kwargs)
+                return cls.__call__(self, event_name, *args, **kwargs)
             finally:
                 busy = self.__dict__.setdefault("busy", {})
                 busy[event_name] = busy.get(event_name, 0.0) + time.perf_counter() - t0
@@ -273,6 +279,35 @@ def draw_cost(repeats: int, draws: int = 40) -> dict:
     return out
 
 
+def dispatch_cost(calls: int = 200_000) -> list[list]:
+    """What fastai's call of a callback costs for a per-batch event it has no handler for, per call (a hot loop,
+    medians of 5): fastai calls every callback at every event, ~10 events a batch."""
+    import timeit
+
+    from fastai.callback.core import Callback
+
+    from benchmarks.common import make_learner
+    from effilab.datasets import mnist1d
+    from effilab.system.fit_recorder import FitRecorder
+    from effilab.system.monitor import SystemMonitor
+    from effilab.viz.dashboard import Dashboard
+
+    class PlainCallback(Callback):
+        pass
+
+    cbs = [FitRecorder(), SystemMonitor(), Dashboard(mode="static"), PlainCallback()]
+    learn = make_learner(mnist1d(n_samples=1_000, seed=0), BS, seed=0, cbs=cbs)
+    with contextlib.redirect_stdout(io.StringIO()):
+        learn.fit(1, LR)
+    learn.training = True
+    rows = []
+    for cb in cbs:
+        call = functools.partial(cb, "after_pred")
+        us = median([timeit.timeit(call, number=calls) / calls * 1e6 for _ in range(5)])
+        rows.append([type(cb).__name__, f"{us:.2f}"])
+    return rows
+
+
 # ---- part 2: browser lag
 
 JS_SAMPLER = """(selector) => {
@@ -404,6 +439,8 @@ def main(argv=None):
     p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS),
                    help="the arms of part 1 (default: all; 'none' is always run, as the reference)")
     p.add_argument("--draw-only", action="store_true", help="only the cost of one draw (no training, no browser)")
+    p.add_argument("--dispatch-only", action="store_true",
+                   help="only the cost of fastai calling a callback for an event it does not handle")
     p.add_argument("--throttles", type=float, nargs="+", default=[4.0, 0.0],
                    help="max_per_s values for the browser part (0: unthrottled)")
     args = p.parse_args(argv)
@@ -415,6 +452,12 @@ def main(argv=None):
     n_samples = 4_000 if args.quick else 20_000
     payload = {"overhead": [], "overhead_tables": []}
     name = "dashboard_overhead" + ("_quick" if args.quick else "")
+    if args.dispatch_only:
+        rows = dispatch_cost()
+        print("\nfastai calling a callback for a per-batch event it has no handler for (after_pred), per call\n")
+        print(table(["callback", "us / call (median of 5 x 200,000)"], rows))
+        write_json("dashboard_dispatch_cost", {"table": rows})
+        return
     if args.draw_only:
         res = draw_cost(repeats)
         rows = [[k, f"{median(v):.2f}"] for k, v in res.items()]
