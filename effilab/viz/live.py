@@ -61,7 +61,7 @@ function render({ model, el }) {
   };
   setHeader(model.get("header"));
 
-  let Plotly = null, drawing = false, stale = true, closed = false;
+  let Plotly = null, drawing = false, stale = true, closed = false, revision = 0;
   let pending = null; // updates not drawn yet, merged: trace -> {field: array}, and layout paths
   const config = { displaylogo: false, responsive: false };
 
@@ -71,11 +71,11 @@ function render({ model, el }) {
     try {
       while ((stale || pending) && !closed) {
         if (stale) {
-          // A new figure is a new grid of panels: drawn afresh (`Plotly.react` would keep an axis's old range
-          // for the panel that now sits on it, as the figure's `uirevision` asks for user zooms).
+          // A new figure is a new grid of panels: a new `uirevision`, or Plotly.react would keep the range of
+          // an axis for the panel that now sits on it (as it keeps a user's zoom across updates).
           stale = false;
           const f = model.get("figure");
-          await Plotly.newPlot(gd, f.data || [], f.layout || {}, config);
+          await Plotly.react(gd, f.data || [], { ...f.layout, uirevision: ++revision }, config);
           continue;
         }
         const p = pending;

@@ -24,8 +24,8 @@ const calls = [];
 const later = () => new Promise((r) => setTimeout(r, 0));
 globalThis.Plotly = {
   version: "VERSION",
-  newPlot: async (gd, data, layout) => {
-    calls.push(["newPlot", data.map((t) => t.name), layout.title]); await later();
+  react: async (gd, data, layout) => {
+    calls.push(["react", data.map((t) => t.name), layout.title, layout.uirevision]); await later();
   },
   update: async (gd, style, layout, idx) => {
     const s = Object.fromEntries(Object.entries(style).map(([k, v]) => [k, v.map((a) => Array.from(a))]));
@@ -96,9 +96,9 @@ def test_the_front_end_draws_merges_updates_while_busy_and_restarts_on_a_new_fig
     r = _run(tmp_path)
     calls = r["calls"]
     assert r["classes"] == ["effilab-dashboard"]
-    draws = [c for c in calls if c[0] in ("newPlot", "update", "relayout")]
+    draws = [c for c in calls if c[0] in ("react", "update", "relayout")]
     assert draws == [
-        ["newPlot", ["a", "b", "c"], "first"],
+        ["react", ["a", "b", "c"], "first", 1],
         ["update", {"y": [[1, 2]]}, {"title.text": "t1"}, [0]],  # came before plotly.js was ready: kept
         ["update", {"y": [[3]]}, {}, [1]],
         # The next two came while that one was drawn: merged (trace 0's latest y only), one update per set
@@ -106,8 +106,9 @@ def test_the_front_end_draws_merges_updates_while_busy_and_restarts_on_a_new_fig
         ["update", {"x": [[5], [5]], "y": [[4], [6]]}, {"title.text": "t2"}, [0, 2]],
         ["update", {"y": [[7, 8]]}, {}, [1]],
         ["update", {"y": [[11]]}, {}, [2]],
-        # A new figure: the update still waiting is never drawn (y 9); the one after it is, on the new figure.
-        ["newPlot", ["a", "d"], "second"],
+        # A new figure (a new uirevision: axes are ranged afresh): the update still waiting is never drawn
+        # (y 9); the one after it is, on the new figure.
+        ["react", ["a", "d"], "second", 2],
         ["update", {"y": [[10]]}, {}, [1]],
     ], draws
     # The header follows the messages, also one whose data was dropped; closing the view lets go of everything.
