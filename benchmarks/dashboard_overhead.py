@@ -69,7 +69,7 @@ def _timed(cls):
     `busy`, and in all in `busy_s`.
 
     The per-batch events a callback has no handler for pass through as in `EffilabCallback.__call__`, untimed:
-    0.14 us a call (`python -m benchmarks.dashboard_overhead --dispatch-only`), less than the two clock reads
+    0.1-0.2 us a call (`python -m benchmarks.dashboard_overhead --dispatch-only`), less than the two clock reads
     that would time it. The sums live in the instance's `__dict__`: setting a fastai Callback's attribute
     looks the name up on the Learner (~8 us), which would add to the fit what it measures."""
 

@@ -21,7 +21,6 @@ from ..registry import register
 __all__ = ["DATASHEET_TFLOPS", "SystemMonitor", "datasheet_peak", "measured_cpu_peak", "oom_report", "peak_flops"]
 
 _MB = 2.0**20
-_PER_BATCH = frozenset(("before_batch", "after_batch"))
 
 # Dense tensor-core (or FP32 unit) peaks from the vendors' datasheets, in TFLOP/s, per GPU: the sparse
 # figures the datasheets headline are halved. Matched against the CUDA device name in this order (the
@@ -257,6 +256,7 @@ class SystemMonitor(EffilabCallback):
     # No run outside a fit (a class default survives unpickling). Per-fit state lives in a plain namespace:
     # setting a Callback attribute costs a Learner lookup (~8 us), too much per step.
     _run: SimpleNamespace | None = None
+    _direct = frozenset(("before_batch", "after_batch"))  # they check `run.training` themselves
 
     def __getstate__(self):  # a pickle taken mid-fit (an export from a callback) leaves the run behind
         return {k: v for k, v in self.__dict__.items() if k != "_run"}
@@ -309,21 +309,9 @@ class SystemMonitor(EffilabCallback):
         run.in_epoch = run.training = True
         run.count_next = self.count_flops  # the epoch's first step: sizes may change between epochs
 
-    def __call__(self, event_name):
-        # The per-batch handlers, called straight away: fastai's dispatch reads `learn.training` through two
-        # attribute delegations per callback and event (~5 us); `run.training` says the same for these.
-        if event_name in _PER_BATCH:
-            run = self._run
-            if run is not None and run.training:
-                getattr(self, event_name)()
-            return None
-        if event_name in self._ignored:  # here too: the call to the base class costs as much again
-            return None
-        return super().__call__(event_name)
-
     def before_batch(self):
         run = self._run
-        if run is not None and run.in_epoch:
+        if run is not None and run.training and run.in_epoch:
             run.meter.batch_start()
             if run.count_next:
                 run.count_next = False
@@ -340,7 +328,7 @@ class SystemMonitor(EffilabCallback):
 
     def after_batch(self):
         run = self._run
-        if run is None or not run.in_epoch:
+        if run is None or not (run.training and run.in_epoch):
             return
         now = run.meter.batch_end(find_bs(self.learn.xb))
         if run.snapshot is not None:

@@ -76,6 +76,7 @@ class Dashboard(EffilabCallback):
     """
 
     order, run_valid = 95, False  # after the telemetry writers (FitRecorder 55, SystemMonitor 90)
+    _direct = frozenset({"before_batch"})  # called without fastai's dispatch: it checks that the fit trains
     # Widgets, display handles and the last figure stay out of pickles (`learn.export`).
     _stateattrs = ("_widget", "_handle", "final_figure", "_added")
 
@@ -106,16 +107,6 @@ class Dashboard(EffilabCallback):
     def __call__(self, event_name: str | None = None, mode: str | None = None,
                  max_per_s: float | None = None):
         if event_name is not None:
-            # fastai calls every callback at every event, and its dispatch reads `learn.training` through
-            # attribute delegation (~5 us): the per-batch events this class has no handler for are not
-            # worth it (~2% of a fit of 3-ms steps).
-            if event_name == "before_batch":  # the one per-batch handler, called without fastai's dispatch
-                # `learn.training` (two delegations) is read only when something is due.
-                if self._widget is not None and self.clock() >= self._due and self.run and self.learn.training:
-                    self.before_batch()
-                return None
-            if event_name in self._ignored:
-                return None
             return super().__call__(event_name)
         if mode is not None:
             decide_mode(mode, env={}, kernel=False)
@@ -163,8 +154,8 @@ class Dashboard(EffilabCallback):
     def before_batch(self):
         # Here rather than in after_batch: SystemMonitor counts the time between a batch's end and the next
         # batch's start as waiting for data, and drawing is not the loader's fault. One clock read per batch
-        # until something is due.
-        if self._widget is not None and (now := self.clock()) >= self._due:
+        # until something is due; `learn.training` (two delegations) is read only then.
+        if self._widget is not None and (now := self.clock()) >= self._due and self.run and self.learn.training:
             if now >= self._busy_t:
                 self._busy_t = now + BUSY_EVERY_S
                 self._guard("telling the front end the kernel is busy", announce_busy)
